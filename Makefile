@@ -1,0 +1,45 @@
+# Two commands on a fresh machine: `make demo` and `make test`.
+# Each creates .venv, installs torch==2.13.0 (CPU build) first so nothing resolves a
+# newer CUDA build, then the project.
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+PIP := $(PY) -m pip install --disable-pip-version-check -q
+OUT ?= runs/demo
+
+.PHONY: demo test lint protos venv dev clean
+
+$(VENV)/.base: pyproject.toml
+	@echo "==> creating $(VENV) and installing torch==2.13.0 + fedcoord"
+	$(PYTHON) -m venv $(VENV)
+	$(PIP) --upgrade pip
+	$(PIP) torch==2.13.0
+	$(PIP) -e .
+	@touch $@
+
+$(VENV)/.dev: $(VENV)/.base
+	@echo "==> installing dev/test extras"
+	$(PIP) -e '.[dev]'
+	@touch $@
+
+venv: $(VENV)/.base
+dev: $(VENV)/.dev
+
+demo: $(VENV)/.base
+	$(VENV)/bin/fedcoord simulate examples/digits.yaml --out $(OUT)
+
+test: $(VENV)/.dev
+	$(VENV)/bin/ruff check .
+	$(PY) -m pytest -q -p no:cacheprovider
+
+lint: $(VENV)/.dev
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
+
+# Regenerate the committed gRPC/protobuf code (tests fail when it is stale).
+protos: $(VENV)/.dev
+	$(PY) -m grpc_tools.protoc -I . --python_out=. --pyi_out=. --grpc_python_out=. \
+		protos/fedcoord/v1/*.proto
+
+clean:
+	rm -rf $(VENV) runs build *.egg-info

@@ -1,0 +1,69 @@
+"""What a data-site engineer implements: a :class:`Client` with ``fit`` and ``evaluate``."""
+
+from __future__ import annotations
+
+import math
+from abc import ABC, abstractmethod
+from dataclasses import dataclass, field
+
+import numpy as np
+
+Arrays = dict[str, np.ndarray]
+"""Named model tensors, e.g. a torch ``state_dict`` as numpy arrays."""
+ConfigValue = bool | int | float | str
+Config = dict[str, ConfigValue]
+"""The round configuration the coordinator sends with a task (flat, scalar values)."""
+
+
+@dataclass(frozen=True)
+class FitResult:
+    """A site's answer to a fit task.
+
+    Attributes
+    ----------
+    arrays
+        The locally trained model (same names, shapes and dtypes as received).
+    num_examples
+        How many local examples the training used (the FedAvg weight).
+    metrics
+        Scalar training metrics, e.g. ``{"loss": 0.31}``.
+    """
+
+    arrays: Arrays
+    num_examples: int
+    metrics: dict[str, float] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        _check_result(self.num_examples, self.metrics)
+
+
+@dataclass(frozen=True)
+class EvaluateResult:
+    """A site's answer to an evaluate task: loss and metrics on its local data."""
+
+    loss: float
+    num_examples: int
+    metrics: dict[str, float] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        _check_result(self.num_examples, self.metrics)
+
+
+def _check_result(num_examples: int, metrics: dict[str, float]) -> None:
+    if not isinstance(num_examples, int | np.integer) or num_examples < 0:
+        raise ValueError(f"num_examples must be a non-negative int, got {num_examples!r}")
+    for name, value in metrics.items():
+        if not isinstance(value, int | float | np.number) or not math.isfinite(float(value)):
+            raise ValueError(f"metric {name!r} must be a finite number, got {value!r}")
+
+
+class Client(ABC):
+    """Local training and evaluation at one data site. Data never leaves it."""
+
+    @abstractmethod
+    def fit(self, arrays: Arrays, config: Config) -> FitResult:
+        """Train starting from the global model ``arrays``; return the local model."""
+
+    @abstractmethod
+    def evaluate(self, arrays: Arrays, config: Config) -> EvaluateResult:
+        """Evaluate the global model ``arrays`` on local data."""

@@ -1,0 +1,1 @@
+"""The wire contract: generated protobuf/gRPC code under ``protos.fedcoord.v1`` and the codec."""

@@ -1,0 +1,146 @@
+from protos.fedcoord.v1 import common_pb2 as _common_pb2
+from google.protobuf.internal import containers as _containers
+from google.protobuf.internal import enum_type_wrapper as _enum_type_wrapper
+from google.protobuf import descriptor as _descriptor
+from google.protobuf import message as _message
+from collections.abc import Mapping as _Mapping
+from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
+
+DESCRIPTOR: _descriptor.FileDescriptor
+
+class TaskKind(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+    __slots__ = ()
+    TASK_KIND_UNSPECIFIED: _ClassVar[TaskKind]
+    TASK_KIND_FIT: _ClassVar[TaskKind]
+    TASK_KIND_EVALUATE: _ClassVar[TaskKind]
+TASK_KIND_UNSPECIFIED: TaskKind
+TASK_KIND_FIT: TaskKind
+TASK_KIND_EVALUATE: TaskKind
+
+class EnrollRequest(_message.Message):
+    __slots__ = ("site_id", "token", "public_key", "properties")
+    class PropertiesEntry(_message.Message):
+        __slots__ = ("key", "value")
+        KEY_FIELD_NUMBER: _ClassVar[int]
+        VALUE_FIELD_NUMBER: _ClassVar[int]
+        key: str
+        value: str
+        def __init__(self, key: _Optional[str] = ..., value: _Optional[str] = ...) -> None: ...
+    SITE_ID_FIELD_NUMBER: _ClassVar[int]
+    TOKEN_FIELD_NUMBER: _ClassVar[int]
+    PUBLIC_KEY_FIELD_NUMBER: _ClassVar[int]
+    PROPERTIES_FIELD_NUMBER: _ClassVar[int]
+    site_id: str
+    token: str
+    public_key: bytes
+    properties: _containers.ScalarMap[str, str]
+    def __init__(self, site_id: _Optional[str] = ..., token: _Optional[str] = ..., public_key: _Optional[bytes] = ..., properties: _Optional[_Mapping[str, str]] = ...) -> None: ...
+
+class EnrollReply(_message.Message):
+    __slots__ = ("site_id", "coordinator_id", "heartbeat_interval_s")
+    SITE_ID_FIELD_NUMBER: _ClassVar[int]
+    COORDINATOR_ID_FIELD_NUMBER: _ClassVar[int]
+    HEARTBEAT_INTERVAL_S_FIELD_NUMBER: _ClassVar[int]
+    site_id: str
+    coordinator_id: str
+    heartbeat_interval_s: int
+    def __init__(self, site_id: _Optional[str] = ..., coordinator_id: _Optional[str] = ..., heartbeat_interval_s: _Optional[int] = ...) -> None: ...
+
+class PullTaskRequest(_message.Message):
+    __slots__ = ("site_id", "cached_model_digest", "wait_s")
+    SITE_ID_FIELD_NUMBER: _ClassVar[int]
+    CACHED_MODEL_DIGEST_FIELD_NUMBER: _ClassVar[int]
+    WAIT_S_FIELD_NUMBER: _ClassVar[int]
+    site_id: str
+    cached_model_digest: str
+    wait_s: int
+    def __init__(self, site_id: _Optional[str] = ..., cached_model_digest: _Optional[str] = ..., wait_s: _Optional[int] = ...) -> None: ...
+
+class TaskHeader(_message.Message):
+    __slots__ = ("task_id", "run_id", "round", "kind", "config_json", "model_digest", "model", "deadline_unix")
+    TASK_ID_FIELD_NUMBER: _ClassVar[int]
+    RUN_ID_FIELD_NUMBER: _ClassVar[int]
+    ROUND_FIELD_NUMBER: _ClassVar[int]
+    KIND_FIELD_NUMBER: _ClassVar[int]
+    CONFIG_JSON_FIELD_NUMBER: _ClassVar[int]
+    MODEL_DIGEST_FIELD_NUMBER: _ClassVar[int]
+    MODEL_FIELD_NUMBER: _ClassVar[int]
+    DEADLINE_UNIX_FIELD_NUMBER: _ClassVar[int]
+    task_id: str
+    run_id: str
+    round: int
+    kind: TaskKind
+    config_json: str
+    model_digest: str
+    model: _common_pb2.PayloadHeader
+    deadline_unix: float
+    def __init__(self, task_id: _Optional[str] = ..., run_id: _Optional[str] = ..., round: _Optional[int] = ..., kind: _Optional[_Union[TaskKind, str]] = ..., config_json: _Optional[str] = ..., model_digest: _Optional[str] = ..., model: _Optional[_Union[_common_pb2.PayloadHeader, _Mapping]] = ..., deadline_unix: _Optional[float] = ...) -> None: ...
+
+class NoTask(_message.Message):
+    __slots__ = ("retry_after_ms",)
+    RETRY_AFTER_MS_FIELD_NUMBER: _ClassVar[int]
+    retry_after_ms: int
+    def __init__(self, retry_after_ms: _Optional[int] = ...) -> None: ...
+
+class TaskMessage(_message.Message):
+    __slots__ = ("header", "chunk", "none")
+    HEADER_FIELD_NUMBER: _ClassVar[int]
+    CHUNK_FIELD_NUMBER: _ClassVar[int]
+    NONE_FIELD_NUMBER: _ClassVar[int]
+    header: TaskHeader
+    chunk: _common_pb2.Chunk
+    none: NoTask
+    def __init__(self, header: _Optional[_Union[TaskHeader, _Mapping]] = ..., chunk: _Optional[_Union[_common_pb2.Chunk, _Mapping]] = ..., none: _Optional[_Union[NoTask, _Mapping]] = ...) -> None: ...
+
+class ResultHeader(_message.Message):
+    __slots__ = ("site_id", "task_id", "num_examples", "metrics", "update", "error")
+    class MetricsEntry(_message.Message):
+        __slots__ = ("key", "value")
+        KEY_FIELD_NUMBER: _ClassVar[int]
+        VALUE_FIELD_NUMBER: _ClassVar[int]
+        key: str
+        value: float
+        def __init__(self, key: _Optional[str] = ..., value: _Optional[float] = ...) -> None: ...
+    SITE_ID_FIELD_NUMBER: _ClassVar[int]
+    TASK_ID_FIELD_NUMBER: _ClassVar[int]
+    NUM_EXAMPLES_FIELD_NUMBER: _ClassVar[int]
+    METRICS_FIELD_NUMBER: _ClassVar[int]
+    UPDATE_FIELD_NUMBER: _ClassVar[int]
+    ERROR_FIELD_NUMBER: _ClassVar[int]
+    site_id: str
+    task_id: str
+    num_examples: int
+    metrics: _containers.ScalarMap[str, float]
+    update: _common_pb2.PayloadHeader
+    error: str
+    def __init__(self, site_id: _Optional[str] = ..., task_id: _Optional[str] = ..., num_examples: _Optional[int] = ..., metrics: _Optional[_Mapping[str, float]] = ..., update: _Optional[_Union[_common_pb2.PayloadHeader, _Mapping]] = ..., error: _Optional[str] = ...) -> None: ...
+
+class ResultMessage(_message.Message):
+    __slots__ = ("header", "chunk")
+    HEADER_FIELD_NUMBER: _ClassVar[int]
+    CHUNK_FIELD_NUMBER: _ClassVar[int]
+    header: ResultHeader
+    chunk: _common_pb2.Chunk
+    def __init__(self, header: _Optional[_Union[ResultHeader, _Mapping]] = ..., chunk: _Optional[_Union[_common_pb2.Chunk, _Mapping]] = ...) -> None: ...
+
+class PushReply(_message.Message):
+    __slots__ = ("accepted", "reason")
+    ACCEPTED_FIELD_NUMBER: _ClassVar[int]
+    REASON_FIELD_NUMBER: _ClassVar[int]
+    accepted: bool
+    reason: str
+    def __init__(self, accepted: _Optional[bool] = ..., reason: _Optional[str] = ...) -> None: ...
+
+class HeartbeatRequest(_message.Message):
+    __slots__ = ("site_id", "task_id")
+    SITE_ID_FIELD_NUMBER: _ClassVar[int]
+    TASK_ID_FIELD_NUMBER: _ClassVar[int]
+    site_id: str
+    task_id: str
+    def __init__(self, site_id: _Optional[str] = ..., task_id: _Optional[str] = ...) -> None: ...
+
+class HeartbeatReply(_message.Message):
+    __slots__ = ("task_active",)
+    TASK_ACTIVE_FIELD_NUMBER: _ClassVar[int]
+    task_active: bool
+    def __init__(self, task_active: _Optional[bool] = ...) -> None: ...
