@@ -19,15 +19,6 @@ class ConfigError(CoordinatorError):
         super().__init__(f"{key}: {message}" if key else message)
 
 
-class UpdateRejected(CoordinatorError):
-    """A site's result failed validation; ``reason`` is a short machine-readable tag."""
-
-    def __init__(self, reason: str, detail: str):
-        self.reason = reason
-        self.detail = detail
-        super().__init__(f"{reason}: {detail}")
-
-
 class UnknownRun(CoordinatorError):
     """No run with the given id exists."""
 

@@ -60,8 +60,9 @@ def _resolve(name: str) -> Any:
     if not found:
         known = sorted(ep.name for ep in entry_points(group=ENTRY_POINT_GROUP))
         raise ConfigError(
-            "task.name", f"unknown task {name!r}; built-in tasks: {', '.join(known)} "
-            "(or give an import path 'package.module:build_task')"
+            "task.name",
+            f"unknown task {name!r}; built-in tasks: {', '.join(known)} "
+            "(or give an import path 'package.module:build_task')",
         )
     return next(iter(found)).load()
 

@@ -110,7 +110,9 @@ class EncodedPayload:
         arrays = {k: _little_endian_contiguous(np.asarray(v)) for k, v in arrays.items()}
         specs = [(k, v.dtype.name, v.shape) for k, v in arrays.items()]
         self.layouts, self.total_bytes = plan_layout(specs)
-        self._buffers = [memoryview(arrays[t.name].reshape(-1).view(np.uint8)) for t in self.layouts]
+        self._buffers = [
+            memoryview(arrays[t.name].reshape(-1).view(np.uint8)) for t in self.layouts
+        ]
         h = hashlib.sha256(_spec_bytes(self.layouts))
         for piece in self._pieces():
             h.update(piece)
@@ -215,7 +217,9 @@ class PayloadAssembler:
             )
         digest = DIGEST_PREFIX + self._hash.hexdigest()
         if digest != self.expected_digest:
-            raise PayloadError(f"payload digest mismatch: got {digest}, expected {self.expected_digest}")
+            raise PayloadError(
+                f"payload digest mismatch: got {digest}, expected {self.expected_digest}"
+            )
         arrays: dict[str, np.ndarray] = {}
         pos = 0
         for t in self.layouts:
@@ -227,7 +231,9 @@ class PayloadAssembler:
         return arrays
 
 
-def decode(header: common_pb2.PayloadHeader, chunks: Iterator[bytes], max_bytes: int) -> dict[str, np.ndarray]:
+def decode(
+    header: common_pb2.PayloadHeader, chunks: Iterator[bytes], max_bytes: int
+) -> dict[str, np.ndarray]:
     """Assemble a whole payload from its header and chunk iterator."""
     assembler = PayloadAssembler(header, max_bytes)
     for data in chunks:

@@ -1,0 +1,329 @@
+"""The site's connection loop: enroll, long-poll tasks, train, push results, repeat.
+
+Sites only dial out. Transient failures (coordinator down or restarting, network
+blips) are retried with capped exponential backoff and jitter; the site re-enrolls
+after an outage. Ctrl-C (or ``stop.set()``) ends the loop cleanly.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import random
+import threading
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+import grpc
+import numpy as np
+
+from client_sdk.api import Arrays, Client, Config, EvaluateResult, FitResult
+from client_sdk.errors import ClientError, CoordinatorUnavailable, SiteError
+from protos.codec import PayloadAssembler, encode
+from protos.errors import PayloadError
+from protos.fedcoord.v1 import common_pb2, fleet_pb2, fleet_pb2_grpc
+
+log = logging.getLogger("fedcoord.site")
+
+TRANSIENT = frozenset(
+    {
+        grpc.StatusCode.UNAVAILABLE,
+        grpc.StatusCode.DEADLINE_EXCEEDED,
+        grpc.StatusCode.RESOURCE_EXHAUSTED,
+        grpc.StatusCode.ABORTED,
+        grpc.StatusCode.CANCELLED,
+        grpc.StatusCode.INTERNAL,
+        grpc.StatusCode.UNKNOWN,
+    }
+)
+CHANNEL_OPTIONS = [
+    ("grpc.max_receive_message_length", 4 << 20),
+    ("grpc.max_send_message_length", 4 << 20),
+    ("grpc.keepalive_time_ms", 30_000),
+    ("grpc.keepalive_timeout_ms", 10_000),
+]
+MAX_MODEL_BYTES = 1 << 40
+TRANSFER_TIMEOUT_S = 3600.0
+
+
+@dataclass
+class Backoff:
+    """Capped exponential backoff with full jitter."""
+
+    initial: float = 0.25
+    cap: float = 10.0
+    attempt: int = 0
+
+    def next_delay(self) -> float:
+        self.attempt += 1
+        return random.uniform(0, min(self.cap, self.initial * 2**self.attempt))
+
+    def reset(self) -> None:
+        self.attempt = 0
+
+
+@dataclass
+class Task:
+    header: fleet_pb2.TaskHeader
+    arrays: Arrays
+    config: Config
+
+
+def parse_config(text: str) -> Config:
+    """The round config: a flat JSON object of scalars."""
+    try:
+        config = json.loads(text) if text else {}
+    except ValueError as exc:
+        raise ClientError(f"round config is not valid JSON: {exc}") from None
+    if not isinstance(config, dict) or not all(
+        isinstance(v, bool | int | float | str) for v in config.values()
+    ):
+        raise ClientError("round config must be a flat JSON object of scalars")
+    return config
+
+
+def make_channel(
+    coordinator: str,
+    *,
+    insecure: bool,
+    root_certificates: bytes | None,
+    certificate_chain: bytes | None = None,
+    private_key: bytes | None = None,
+) -> grpc.Channel:
+    if insecure:
+        return grpc.insecure_channel(coordinator, options=CHANNEL_OPTIONS)
+    creds = grpc.ssl_channel_credentials(root_certificates, private_key, certificate_chain)
+    return grpc.secure_channel(coordinator, creds, options=CHANNEL_OPTIONS)
+
+
+class SiteSession:
+    """One site's conversation with the coordinator over one channel."""
+
+    def __init__(
+        self,
+        client: Client,
+        stub: fleet_pb2_grpc.FleetStub,
+        site_id: str,
+        token: str | None,
+        poll_wait_s: int,
+    ):
+        self.client = client
+        self.stub = stub
+        self.site_id = site_id
+        self.token = token or ""
+        self.poll_wait_s = poll_wait_s
+        self.heartbeat_interval_s = 5.0
+        self._cached: tuple[str, Arrays] | None = None
+
+    def enroll(self) -> None:
+        reply = self.stub.Enroll(
+            fleet_pb2.EnrollRequest(site_id=self.site_id, token=self.token), timeout=30
+        )
+        self.heartbeat_interval_s = float(reply.heartbeat_interval_s or 5)
+        log.info("site %s enrolled", self.site_id)
+
+    def pull(self) -> Task | None:
+        """Long-poll for a task; receive and verify its model unless cached."""
+        cached = self._cached[0] if self._cached else ""
+        stream: Iterator[fleet_pb2.TaskMessage] = self.stub.PullTask(
+            fleet_pb2.PullTaskRequest(
+                site_id=self.site_id, cached_model_digest=cached, wait_s=self.poll_wait_s
+            ),
+            timeout=self.poll_wait_s + TRANSFER_TIMEOUT_S,
+        )
+        first = next(stream, None)
+        if first is None or first.WhichOneof("kind") != "header":
+            return None
+        header = first.header
+        if header.HasField("model"):
+            assembler = PayloadAssembler(header.model, MAX_MODEL_BYTES)
+            for message in stream:
+                assembler.add(message.chunk.data)
+            arrays = assembler.finish()
+            if header.model.digest != header.model_digest:
+                raise PayloadError("task model digest does not match its payload")
+            for a in arrays.values():
+                a.flags.writeable = False
+            self._cached = (header.model_digest, arrays)
+        elif self._cached is None or self._cached[0] != header.model_digest:
+            raise PayloadError("coordinator sent no model and the cached one does not match")
+        return Task(header, self._cached[1], parse_config(header.config_json))
+
+    def run_task(self, task: Task) -> None:
+        """Train or evaluate under heartbeats, then push the result (or the error)."""
+        h = task.header
+        done = threading.Event()
+        beat = threading.Thread(target=self._heartbeat, args=(h.task_id, done), daemon=True)
+        beat.start()
+        t0 = time.time()
+        try:
+            result = self._call_client(task)
+        except Exception as exc:
+            log.error(
+                "site %s round %d: client failed: %s: %s",
+                self.site_id,
+                h.round,
+                type(exc).__name__,
+                exc,
+            )
+            self._push(h.task_id, fleet_pb2.ResultHeader(error=f"{type(exc).__name__}: {exc}"))
+            return
+        finally:
+            done.set()
+        reply = self._push_result(h.task_id, result)
+        log.info(
+            "site %s round %d: %s on %d examples in %.2fs; %s",
+            self.site_id,
+            h.round,
+            "trained" if isinstance(result, FitResult) else "evaluated",
+            result.num_examples,
+            time.time() - t0,
+            "accepted" if reply.accepted else f"not accepted ({reply.reason})",
+        )
+
+    def _call_client(self, task: Task) -> FitResult | EvaluateResult:
+        if task.header.kind == fleet_pb2.TASK_KIND_FIT:
+            result = self.client.fit(task.arrays, task.config)
+            if not isinstance(result, FitResult):
+                raise ClientError(f"fit() returned {type(result).__name__}, not FitResult")
+            return result
+        if task.header.kind == fleet_pb2.TASK_KIND_EVALUATE:
+            result = self.client.evaluate(task.arrays, task.config)
+            if not isinstance(result, EvaluateResult):
+                raise ClientError(
+                    f"evaluate() returned {type(result).__name__}, not EvaluateResult"
+                )
+            return result
+        raise ClientError(f"unknown task kind {task.header.kind}")
+
+    def _push_result(self, task_id: str, result: FitResult | EvaluateResult) -> fleet_pb2.PushReply:
+        metrics = {k: float(v) for k, v in result.metrics.items()}
+        header = fleet_pb2.ResultHeader(num_examples=int(result.num_examples), metrics=metrics)
+        if isinstance(result, EvaluateResult):
+            header.metrics["loss"] = float(result.loss)
+            return self._push(task_id, header)
+        payload = encode({k: np.asarray(v) for k, v in result.arrays.items()})
+        header.update.CopyFrom(payload.header())
+        return self._push(task_id, header, payload.chunks())
+
+    def _push(
+        self, task_id: str, header: fleet_pb2.ResultHeader, chunks: Iterator[bytes] | None = None
+    ) -> fleet_pb2.PushReply:
+        header.site_id = self.site_id
+        header.task_id = task_id
+
+        def messages() -> Iterator[fleet_pb2.ResultMessage]:
+            yield fleet_pb2.ResultMessage(header=header)
+            for data in chunks or ():
+                yield fleet_pb2.ResultMessage(chunk=common_pb2.Chunk(data=data))
+
+        return self.stub.PushResult(messages(), timeout=TRANSFER_TIMEOUT_S)
+
+    def _heartbeat(self, task_id: str, done: threading.Event) -> None:
+        while not done.wait(self.heartbeat_interval_s):
+            with contextlib.suppress(grpc.RpcError):  # a missed beat is harmless
+                self.stub.Heartbeat(
+                    fleet_pb2.HeartbeatRequest(site_id=self.site_id, task_id=task_id), timeout=10
+                )
+
+
+def run_site(
+    client: Client,
+    coordinator: str,
+    site_id: str,
+    token: str | None = None,
+    *,
+    insecure: bool = False,
+    root_certificates: bytes | None = None,
+    certificate_chain: bytes | None = None,
+    private_key: bytes | None = None,
+    stop: threading.Event | None = None,
+    poll_wait_s: int = 10,
+    max_unavailable_s: float | None = 300.0,
+) -> None:
+    """Serve as a data site until ``stop`` is set or Ctrl-C.
+
+    Parameters
+    ----------
+    client
+        The site's :class:`~client_sdk.api.Client`.
+    coordinator
+        ``host:port`` of the coordinator's gRPC endpoint.
+    site_id
+        This site's name (1-64 characters of letters, digits, ``.``, ``_``, ``-``).
+    token
+        One-time enrollment token (not needed under ``--open-enrollment``).
+    insecure
+        Plaintext channel (no TLS). Otherwise TLS with ``root_certificates`` (system
+        roots when None) and, for mutual TLS, ``certificate_chain`` + ``private_key``.
+    stop
+        Set it to end the loop (checked between polls; polls last ``poll_wait_s``).
+    max_unavailable_s
+        Give up with :class:`CoordinatorUnavailable` after this long without reaching
+        the coordinator (None: retry forever).
+
+    Raises
+    ------
+    CoordinatorUnavailable
+        The coordinator stayed unreachable for ``max_unavailable_s``.
+    SiteError
+        The coordinator refused the site for good (e.g. enrollment denied).
+    """
+    stop = stop or threading.Event()
+    channel = make_channel(
+        coordinator,
+        insecure=insecure,
+        root_certificates=root_certificates,
+        certificate_chain=certificate_chain,
+        private_key=private_key,
+    )
+    session = SiteSession(client, fleet_pb2_grpc.FleetStub(channel), site_id, token, poll_wait_s)
+    backoff = Backoff()
+    enrolled = False
+    down_since: float | None = None
+    try:
+        while not stop.is_set():
+            try:
+                if not enrolled:
+                    session.enroll()
+                    enrolled = True
+                task = session.pull()
+                down_since = None
+                backoff.reset()
+                if task is not None and not stop.is_set():
+                    session.run_task(task)
+            except PayloadError as exc:
+                log.warning("site %s: discarded a malformed task: %s", site_id, exc)
+                stop.wait(backoff.next_delay())
+            except grpc.RpcError as exc:
+                code = exc.code()
+                if code == grpc.StatusCode.PERMISSION_DENIED:
+                    enrolled = False  # e.g. the coordinator lost track of us: enroll again
+                elif code not in TRANSIENT:
+                    raise SiteError(
+                        f"coordinator refused site {site_id}: {code.name}: {exc.details()}"
+                    ) from None
+                else:
+                    enrolled = enrolled and code != grpc.StatusCode.UNAVAILABLE
+                now = time.time()
+                down_since = down_since or now
+                if max_unavailable_s is not None and now - down_since > max_unavailable_s:
+                    raise CoordinatorUnavailable(
+                        f"coordinator {coordinator} unreachable for {now - down_since:.0f}s "
+                        f"({code.name}: {exc.details()})"
+                    ) from None
+                delay = backoff.next_delay()
+                log.info(
+                    "site %s: coordinator %s (%s); retrying in %.1fs",
+                    site_id,
+                    coordinator,
+                    code.name,
+                    delay,
+                )
+                stop.wait(delay)
+    except KeyboardInterrupt:
+        log.info("site %s: stopped", site_id)
+    finally:
+        channel.close()

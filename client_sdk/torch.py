@@ -1,0 +1,357 @@
+"""Turning a ``torch.nn.Module`` and its data into a site :class:`~client_sdk.api.Client`.
+
+The model travels as its ``state_dict``: :func:`arrays_from_module` and
+:func:`load_arrays` convert between a module and named numpy arrays, keeping every dtype
+(float32 stays float32, BatchNorm's int64 counters stay int64).
+
+:class:`TorchClient` trains with the round configuration the coordinator sends (flat,
+scalar values):
+
+==================  =======  =================================================
+key                 default  meaning
+==================  =======  =================================================
+``local_epochs``    1        passes over the local data per fit
+``batch_size``      32       batch size when the client batches its own tensors
+``optimizer``       "sgd"    ``"sgd"`` or ``"adam"``, created fresh every fit
+``lr``              0.01     learning rate
+``momentum``        0.0      SGD momentum (ignored by Adam)
+``weight_decay``    0.0      L2 penalty
+==================  =======  =================================================
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable, Iterator, Mapping
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from torch import nn
+
+from client_sdk.api import Arrays, Client, Config, EvaluateResult, FitResult
+from client_sdk.errors import ClientError
+
+Batch = tuple[torch.Tensor, torch.Tensor]
+LossFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+TrainData = Iterable[Batch] | tuple[torch.Tensor, torch.Tensor]
+"""Either an iterable of ``(x, y)`` batches (e.g. a ``DataLoader``) or one ``(x, y)``
+pair of tensors holding the whole local dataset."""
+
+DEFAULT_BATCH_SIZE = 32
+
+
+def arrays_from_module(module: nn.Module) -> dict[str, np.ndarray]:
+    """The module's ``state_dict`` as contiguous CPU numpy copies, dtypes preserved."""
+    arrays: dict[str, np.ndarray] = {}
+    for name, tensor in module.state_dict().items():
+        try:
+            arrays[name] = tensor.detach().cpu().numpy().copy(order="C")
+        except TypeError as exc:  # e.g. bfloat16 has no numpy dtype
+            raise ClientError(f"tensor {name!r} cannot become a numpy array: {exc}") from None
+    return arrays
+
+
+def load_arrays(module: nn.Module, arrays: Mapping[str, np.ndarray]) -> None:
+    """Copy ``arrays`` into the module's parameters and buffers, in place.
+
+    The load is strict: the names must be exactly those of the ``state_dict`` and each
+    array must have the tensor's shape and dtype.
+
+    Raises
+    ------
+    ClientError
+        Naming the first missing, unexpected or mismatched tensor.
+    """
+    state = module.state_dict()
+    _check_names(state.keys(), arrays.keys())
+    for name, target in state.items():
+        _check_array(name, target, arrays[name])
+    with torch.no_grad():
+        for name, target in state.items():
+            target.copy_(_as_tensor(arrays[name]))
+
+
+def _check_names(expected: Iterable[str], given: Iterable[str]) -> None:
+    expected_set, given_set = set(expected), set(given)
+    missing = sorted(expected_set - given_set)
+    if missing:
+        raise ClientError(f"tensor {missing[0]!r} of the model is missing from the arrays")
+    unexpected = sorted(given_set - expected_set)
+    if unexpected:
+        raise ClientError(f"tensor {unexpected[0]!r} is not part of the model")
+
+
+def _check_array(name: str, target: torch.Tensor, array: np.ndarray) -> None:
+    if not isinstance(array, np.ndarray):
+        raise ClientError(f"tensor {name!r} must be a numpy array, got {type(array).__name__}")
+    if array.shape != tuple(target.shape):
+        raise ClientError(
+            f"tensor {name!r} has shape {array.shape}, the model expects {tuple(target.shape)}"
+        )
+    expected = _numpy_dtype(name, target.dtype)
+    if array.dtype.newbyteorder("=") != expected:
+        raise ClientError(f"tensor {name!r} has dtype {array.dtype}, the model expects {expected}")
+
+
+def _numpy_dtype(name: str, dtype: torch.dtype) -> np.dtype:
+    try:
+        return torch.empty(0, dtype=dtype).numpy().dtype
+    except TypeError:
+        raise ClientError(f"tensor {name!r} has dtype {dtype} with no numpy equivalent") from None
+
+
+def _as_tensor(array: np.ndarray) -> torch.Tensor:
+    """A CPU tensor over ``array``, copying only when torch cannot share its memory."""
+    if not (array.dtype.isnative and array.flags.c_contiguous and array.flags.writeable):
+        array = np.array(array, dtype=array.dtype.newbyteorder("="), order="C", copy=True)
+    return torch.from_numpy(array)
+
+
+@dataclass
+class EvalStats:
+    """Mean loss, accuracy (``None`` when not a classification) and example count."""
+
+    loss: float
+    accuracy: float | None
+    num_examples: int
+
+    def metrics(self) -> dict[str, float]:
+        """``{"loss": ..., "accuracy": ...}`` (accuracy only when defined)."""
+        result = {"loss": self.loss}
+        if self.accuracy is not None:
+            result["accuracy"] = self.accuracy
+        return result
+
+
+class _Tally:
+    """Running sums over batches; kept on the device to avoid a sync per batch."""
+
+    def __init__(self) -> None:
+        self.loss_sum: torch.Tensor | None = None
+        self.correct: torch.Tensor | None = None
+        self.count = 0
+        self.classification = True
+
+    def add(self, loss: torch.Tensor, outputs: torch.Tensor, targets: torch.Tensor) -> None:
+        n = len(targets)
+        batch_loss = loss.detach() * n
+        self.loss_sum = batch_loss if self.loss_sum is None else self.loss_sum + batch_loss
+        self.count += n
+        if self.classification and _is_classification(outputs, targets):
+            hits = (outputs.detach().argmax(dim=1) == targets).sum()
+            self.correct = hits if self.correct is None else self.correct + hits
+        else:
+            self.classification = False
+
+    def result(self) -> EvalStats:
+        if self.count == 0 or self.loss_sum is None:
+            raise ClientError("the data yielded no examples")
+        accuracy = None
+        if self.classification and self.correct is not None:
+            accuracy = float(self.correct.item()) / self.count
+        return EvalStats(float(self.loss_sum.item()) / self.count, accuracy, self.count)
+
+
+def _is_classification(outputs: torch.Tensor, targets: torch.Tensor) -> bool:
+    return outputs.dim() == 2 and targets.dim() == 1 and not targets.is_floating_point()
+
+
+def iterate_batches(
+    x: torch.Tensor,
+    y: torch.Tensor,
+    batch_size: int,
+    generator: torch.Generator | None = None,
+) -> Iterator[Batch]:
+    """Batches of ``(x, y)`` in order, or shuffled with ``generator`` when one is given."""
+    n = len(x)
+    if generator is None:
+        for start in range(0, n, batch_size):
+            yield x[start : start + batch_size], y[start : start + batch_size]
+        return
+    order = torch.randperm(n, generator=generator).to(x.device)
+    for start in range(0, n, batch_size):
+        index = order[start : start + batch_size]
+        yield x[index], y[index]
+
+
+def evaluate_module(
+    module: nn.Module,
+    batches: Iterable[Batch],
+    loss_fn: LossFn | None = None,
+    device: str | torch.device = "cpu",
+) -> EvalStats:
+    """Mean loss and accuracy of ``module`` over ``batches``, without gradient tracking.
+
+    ``loss_fn`` must return the batch mean (default: cross-entropy). The module is put in
+    eval mode and stays there.
+    """
+    loss_fn = loss_fn or nn.CrossEntropyLoss()
+    tally = _Tally()
+    module.eval()
+    with torch.no_grad():
+        for x, y in batches:
+            x, y = x.to(device), y.to(device)
+            outputs = module(x)
+            tally.add(loss_fn(outputs, y), outputs, y)
+    return tally.result()
+
+
+@dataclass(frozen=True)
+class FitSettings:
+    """The training settings of one fit, read from the round config."""
+
+    local_epochs: int = 1
+    batch_size: int = DEFAULT_BATCH_SIZE
+    optimizer: str = "sgd"
+    lr: float = 0.01
+    momentum: float = 0.0
+    weight_decay: float = 0.0
+
+    @classmethod
+    def from_config(cls, config: Mapping[str, object]) -> FitSettings:
+        """Read the settings, defaulting absent keys; a bad value raises ClientError."""
+        optimizer = config.get("optimizer", cls.optimizer)
+        if optimizer not in _OPTIMIZERS:
+            raise ClientError(
+                f"round config 'optimizer' must be one of {sorted(_OPTIMIZERS)}, got {optimizer!r}"
+            )
+        return cls(
+            local_epochs=_config_int(config, "local_epochs", cls.local_epochs),
+            batch_size=_config_int(config, "batch_size", cls.batch_size),
+            optimizer=str(optimizer),
+            lr=_config_float(config, "lr", cls.lr, positive=True),
+            momentum=_config_float(config, "momentum", cls.momentum),
+            weight_decay=_config_float(config, "weight_decay", cls.weight_decay),
+        )
+
+
+def _config_int(config: Mapping[str, object], key: str, default: int) -> int:
+    value = config.get(key, default)
+    if isinstance(value, bool) or not isinstance(value, int | np.integer) or value < 1:
+        raise ClientError(f"round config {key!r} must be an integer >= 1, got {value!r}")
+    return int(value)
+
+
+def _config_float(
+    config: Mapping[str, object], key: str, default: float, positive: bool = False
+) -> float:
+    value = config.get(key, default)
+    if isinstance(value, bool) or not isinstance(value, int | float | np.number):
+        raise ClientError(f"round config {key!r} must be a number, got {value!r}")
+    if not np.isfinite(value) or value < 0 or (positive and value == 0):
+        bound = "> 0" if positive else ">= 0"
+        raise ClientError(f"round config {key!r} must be a finite number {bound}, got {value!r}")
+    return float(value)
+
+
+def _make_optimizer(params: Iterable[nn.Parameter], settings: FitSettings) -> torch.optim.Optimizer:
+    return _OPTIMIZERS[settings.optimizer](params, settings)
+
+
+_OPTIMIZERS: dict[str, Callable[[Iterable[nn.Parameter], FitSettings], torch.optim.Optimizer]] = {
+    "sgd": lambda params, s: torch.optim.SGD(
+        params, lr=s.lr, momentum=s.momentum, weight_decay=s.weight_decay
+    ),
+    "adam": lambda params, s: torch.optim.Adam(params, lr=s.lr, weight_decay=s.weight_decay),
+}
+
+
+class TorchClient(Client):
+    """A :class:`Client` training a torch module on local data.
+
+    Parameters
+    ----------
+    model
+        The module; it is moved to ``device`` and receives the global model every round.
+    train_data
+        Either an iterable of ``(x, y)`` batches, such as a ``DataLoader`` (used as is;
+        its own batch size and shuffling apply), or one ``(x, y)`` pair of tensors holding
+        the whole local dataset, which the client moves to ``device`` once and batches
+        itself with the round config's ``batch_size``, shuffled by a generator seeded
+        with ``seed``.
+    test_data
+        Data for :meth:`evaluate`, in either form; ``None`` evaluates on ``train_data``.
+    loss_fn
+        Returns the mean loss of a batch; default cross-entropy.
+    device
+        Where training runs (``"cpu"``, ``"cuda"``, ...). Results are CPU numpy arrays.
+    seed
+        Seed of the shuffling of a ``(x, y)`` pair.
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        train_data: TrainData,
+        test_data: TrainData | None = None,
+        loss_fn: LossFn | None = None,
+        device: str | torch.device = "cpu",
+        seed: int = 0,
+    ) -> None:
+        self.device = torch.device(device)
+        self.model = model.to(self.device)
+        self.loss_fn: LossFn = loss_fn or nn.CrossEntropyLoss()
+        self._train = self._on_device(train_data)
+        self._test = None if test_data is None else self._on_device(test_data)
+        self._generator = torch.Generator().manual_seed(seed)
+
+    def fit(self, arrays: Arrays, config: Config) -> FitResult:
+        """Load ``arrays``, train ``local_epochs`` epochs, return the trained model.
+
+        ``num_examples`` is the number of examples in one epoch; the metrics ``loss`` and
+        ``accuracy`` are over the last epoch.
+        """
+        load_arrays(self.model, arrays)
+        settings = FitSettings.from_config(config)
+        optimizer = _make_optimizer(self.model.parameters(), settings)
+        self.model.train()
+        for _ in range(settings.local_epochs - 1):
+            self._train_epoch(optimizer, settings.batch_size)
+        stats = self._train_epoch(optimizer, settings.batch_size)
+        return FitResult(arrays_from_module(self.model), stats.num_examples, stats.metrics())
+
+    def evaluate(self, arrays: Arrays, config: Config) -> EvaluateResult:
+        """Loss and accuracy of ``arrays`` on the test data (or the training data)."""
+        load_arrays(self.model, arrays)
+        batch_size = _config_int(config, "batch_size", DEFAULT_BATCH_SIZE)
+        data = self._test if self._test is not None else self._train
+        batches = self._batches(data, batch_size, shuffle=False)
+        stats = evaluate_module(self.model, batches, self.loss_fn, self.device)
+        metrics = stats.metrics()
+        metrics.pop("loss")
+        return EvaluateResult(stats.loss, stats.num_examples, metrics)
+
+    def _train_epoch(self, optimizer: torch.optim.Optimizer, batch_size: int) -> EvalStats:
+        tally = _Tally()
+        for x, y in self._batches(self._train, batch_size, shuffle=True):
+            optimizer.zero_grad(set_to_none=True)
+            outputs = self.model(x)
+            loss = self.loss_fn(outputs, y)
+            loss.backward()
+            optimizer.step()
+            tally.add(loss, outputs, y)
+        return tally.result()
+
+    def _on_device(self, data: TrainData) -> TrainData:
+        if _is_tensor_pair(data):
+            x, y = data  # type: ignore[misc]
+            if len(x) != len(y):
+                raise ClientError(f"x has {len(x)} rows but y has {len(y)}")
+            return x.to(self.device), y.to(self.device)
+        return data
+
+    def _batches(self, data: TrainData, batch_size: int, shuffle: bool) -> Iterator[Batch]:
+        if _is_tensor_pair(data):
+            x, y = data  # type: ignore[misc]
+            yield from iterate_batches(x, y, batch_size, self._generator if shuffle else None)
+            return
+        for x, y in data:
+            yield x.to(self.device), y.to(self.device)
+
+
+def _is_tensor_pair(data: object) -> bool:
+    return (
+        isinstance(data, tuple)
+        and len(data) == 2
+        and all(isinstance(t, torch.Tensor) for t in data)
+    )

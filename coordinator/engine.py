@@ -1,0 +1,472 @@
+"""The round engine: runs submitted experiments round by round.
+
+For each round it samples sites with the run's seeded RNG, posts their tasks, folds
+validated results into a streaming aggregate until every sampled site answered or the
+deadline passed, and commits the new model when at least ``min_sites`` updates were
+accepted. A run resumes from its last committed round after a restart (same model and
+sampling RNG state); an interrupted round is redone.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import threading
+import time
+import uuid
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from coordinator import ledger
+from coordinator.canonical import canonical_json
+from coordinator.dispatch import Assignment, Dispatcher, RoundCollector
+from coordinator.errors import CoordinatorError, QuorumNotReached, UnknownRun
+from coordinator.experiment import Experiment, parse_experiment
+from coordinator.merkle import merkle_root
+from coordinator.state import Database, RunRow
+from coordinator.tasks import Task, load_task
+from protos.codec import EncodedPayload, encode
+from protos.fedcoord.v1 import fleet_pb2
+from strategies.base import Strategy
+from strategies.registry import make_strategy
+from strategies.validation import UpdateLimits
+
+log = logging.getLogger("fedcoord.engine")
+
+MAX_ROUND_ATTEMPTS = 3
+LOST_AFTER_S = 15.0
+"""A sampled site silent (no poll, heartbeat or result) this long is counted as dropped."""
+
+
+@dataclass(frozen=True)
+class RunEvent:
+    run_id: str
+    seq: int
+    kind: str
+    message: str
+    data: dict[str, Any]
+    time: float
+
+
+def sample_sites(
+    rng: np.random.Generator, population: list[str], fraction: float, method: str, min_sites: int
+) -> list[str]:
+    """Sites for one round: ``fixed`` draws round(fraction * n) without replacement;
+    ``poisson`` includes each site independently with probability ``fraction``
+    (redrawn while fewer than ``min_sites`` are included)."""
+    n = len(population)
+    if method == "fixed":
+        k = min(n, max(min_sites, round(fraction * n)))
+        picked = rng.choice(n, size=k, replace=False)
+        return sorted(population[i] for i in picked)
+    while True:
+        mask = rng.random(n) < fraction
+        if mask.sum() >= min(min_sites, n):
+            return sorted(p for p, m in zip(population, mask, strict=True) if m)
+
+
+def weighted_site_metrics(outcomes: Mapping[str, Any]) -> dict[str, float]:
+    """Example-weighted mean of the sites' training metrics, prefixed ``train_``."""
+    totals: dict[str, float] = {}
+    weights: dict[str, float] = {}
+    for o in outcomes.values():
+        for name, value in o.metrics.items():
+            totals[name] = totals.get(name, 0.0) + value * o.num_examples
+            weights[name] = weights.get(name, 0.0) + o.num_examples
+    return {f"train_{k}": totals[k] / weights[k] for k in sorted(totals) if weights[k] > 0}
+
+
+def progress_line(
+    exp: Experiment,
+    round_no: int,
+    sampled: int,
+    accepted: int,
+    metrics: Mapping[str, float],
+    seconds: float,
+) -> str:
+    parts = [
+        f"round {round_no:>{len(str(exp.rounds))}}/{exp.rounds}",
+        f"sites {accepted}/{sampled}",
+    ]
+    for key in ("loss", "accuracy"):
+        if key in metrics:
+            parts.append(f"{key} {metrics[key]:.4f}")
+    parts.append(f"{seconds:.2f}s")
+    return "  ".join(parts)
+
+
+class RoundEngine:
+    """Runs queued runs one at a time, in submission order.
+
+    Parameters
+    ----------
+    db
+        The data directory's database.
+    dispatcher
+        Shared with the Fleet servicer.
+    write_summary_to_data_dir
+        Also write ``<data-dir>/summary.json`` when a run ends (simulations do).
+    """
+
+    def __init__(
+        self, db: Database, dispatcher: Dispatcher, *, write_summary_to_data_dir: bool = False
+    ):
+        self.db = db
+        self.dispatcher = dispatcher
+        self.write_summary_to_data_dir = write_summary_to_data_dir
+        self._shutdown = threading.Event()
+        self._wake = threading.Event()
+        self._stops: dict[str, threading.Event] = {}
+        self._events = threading.Condition()
+        self._listeners: list[Callable[[RunEvent], None]] = []
+
+    # submission and control ---------------------------------------------------------
+    def submit(self, experiment_text: str, source: str = "<submitted>") -> RunRow:
+        """Validate an experiment (raises :class:`ConfigError`) and queue it as a run."""
+        exp = parse_experiment(experiment_text, source)
+        load_task(exp.task.name, exp.task.model, exp.task.options, exp.seed)
+        run_id = (
+            f"{exp.name}-{time.strftime('%Y%m%dT%H%M%SZ', time.gmtime())}-{uuid.uuid4().hex[:6]}"
+        )
+        self.db.create_run(run_id, exp.name, exp.canonical_json(), exp.config_digest(), exp.rounds)
+        self._wake.set()
+        row = self.db.run(run_id)
+        assert row is not None
+        return row
+
+    def stop_run(self, run_id: str) -> None:
+        row = self.db.run(run_id)
+        if row is None:
+            raise UnknownRun(f"no run {run_id!r}")
+        if row.status == "queued":
+            with self.db.transaction() as c:
+                self.db.set_run_status(c, run_id, "stopped", error="stopped before it started")
+        self._stops.setdefault(run_id, threading.Event()).set()
+
+    def shutdown(self) -> None:
+        self._shutdown.set()
+        self._wake.set()
+        for ev in self._stops.values():
+            ev.set()
+
+    def add_listener(self, fn: Callable[[RunEvent], None]) -> None:
+        self._listeners.append(fn)
+
+    # events -------------------------------------------------------------------------
+    def emit(
+        self, run_id: str, kind: str, message: str, data: dict[str, Any] | None = None
+    ) -> None:
+        data = data or {}
+        seq = self.db.add_event(run_id, kind, message, data)
+        event = RunEvent(run_id, seq, kind, message, data, time.time())
+        log.info("%s [%s] %s", run_id, kind, message)
+        for fn in self._listeners:
+            fn(event)
+        with self._events:
+            self._events.notify_all()
+
+    def wait_events(self, run_id: str, from_seq: int, timeout: float) -> list[RunEvent]:
+        """Events of ``run_id`` with seq >= from_seq, waiting up to ``timeout`` for one."""
+        end = time.time() + timeout
+        with self._events:
+            while True:
+                rows = self.db.events(run_id, from_seq)
+                if rows or time.time() >= end or self._shutdown.is_set():
+                    return [RunEvent(run_id, s, k, m, json.loads(d), t) for s, k, m, d, t in rows]
+                self._events.wait(min(0.5, end - time.time()))
+
+    # the loop -----------------------------------------------------------------------
+    def serve_forever(self) -> None:
+        """Run queued runs until :meth:`shutdown`."""
+        while not self._shutdown.is_set():
+            row = self.db.next_queued_run()
+            if row is None:
+                self._wake.wait(1.0)
+                self._wake.clear()
+                continue
+            self.execute(row.run_id)
+
+    def execute(self, run_id: str) -> RunRow:
+        """Run (or resume) one run to its end; never raises for run-level failures."""
+        stop = self._stops.setdefault(run_id, threading.Event())
+        try:
+            self._execute(run_id, stop)
+        except (CoordinatorError, ValueError) as exc:
+            self._finish(run_id, "failed", str(exc))
+        except Exception as exc:
+            log.exception("run %s crashed", run_id)
+            self._finish(run_id, "failed", f"internal error: {exc!r}")
+        row = self.db.run(run_id)
+        assert row is not None
+        return row
+
+    def _execute(self, run_id: str, stop: threading.Event) -> None:
+        row = self.db.run(run_id)
+        if row is None:
+            raise UnknownRun(f"no run {run_id!r}")
+        exp = parse_experiment(row.experiment, run_id)
+        task = load_task(exp.task.name, exp.task.model, exp.task.options, exp.seed)
+        strategy = make_strategy(exp.strategy.name)
+        rng = np.random.default_rng(exp.seed)
+        resumed = self.db.last_round(run_id)
+        if resumed is not None:
+            start, digest, rng_state = resumed
+            model = self.db.models.get(digest)
+            rng.bit_generator.state = rng_state
+            self.emit(run_id, "run_resumed", f"resuming {run_id} after round {start}")
+        else:
+            start = 0
+            model = task.initial_arrays()
+            payload = encode(model)
+            self.db.models.put(model, payload.digest)
+            with self.db.transaction() as c:
+                self.db.set_run_status(c, run_id, "running", model_digest=payload.digest)
+                ledger.append(
+                    c,
+                    self.db.signing_key,
+                    "run_started",
+                    {
+                        "run_id": run_id,
+                        "name": exp.name,
+                        "config_digest": exp.config_digest(),
+                        "experiment": json.loads(exp.canonical_json()),
+                        "initial_model": payload.digest,
+                    },
+                )
+            self.emit(
+                run_id,
+                "run_started",
+                f"run {run_id} started: {exp.rounds} rounds of "
+                f"{exp.strategy.name} on task {exp.task.name}",
+                {"initial_model": payload.digest},
+            )
+        current = encode(model)
+        for round_no in range(start + 1, exp.rounds + 1):
+            if stop.is_set() or self._shutdown.is_set():
+                break
+            current, model = self._round_with_retries(
+                run_id, exp, task, strategy, rng, round_no, model, current, stop
+            )
+        if self._shutdown.is_set() and not stop.is_set():
+            return  # coordinator shutting down: the run stays "running" and resumes on restart
+        self._finish(run_id, "stopped" if stop.is_set() else "finished", None)
+
+    def _round_with_retries(
+        self,
+        run_id: str,
+        exp: Experiment,
+        task: Task,
+        strategy: Strategy,
+        rng: np.random.Generator,
+        round_no: int,
+        model: dict[str, np.ndarray],
+        current: EncodedPayload,
+        stop: threading.Event,
+    ) -> tuple[EncodedPayload, dict[str, np.ndarray]]:
+        for attempt in range(1, MAX_ROUND_ATTEMPTS + 1):
+            result = self._round(run_id, exp, task, strategy, rng, round_no, model, current, stop)
+            if result is not None:
+                return result
+            if stop.is_set() or self._shutdown.is_set():
+                return current, model
+            self.emit(
+                run_id,
+                "round_failed",
+                f"round {round_no} attempt {attempt}/{MAX_ROUND_ATTEMPTS} did not reach "
+                f"quorum ({exp.federation.sampling.min_sites} sites)",
+            )
+        raise QuorumNotReached(
+            f"round {round_no} did not reach quorum of {exp.federation.sampling.min_sites} "
+            f"accepted updates in {MAX_ROUND_ATTEMPTS} attempts"
+        )
+
+    def _await_population(self, exp: Experiment, stop: threading.Event) -> list[str]:
+        """Online sites: all ``federation.sites`` of them, or at least ``min_sites`` once
+        the round timeout has passed; fails after ``federation.sampling.wait_for_sites_s``."""
+        sampling = exp.federation.sampling
+        t0 = time.time()
+        noted = -1
+        while not (stop.is_set() or self._shutdown.is_set()):
+            online = self.dispatcher.online()
+            waited = time.time() - t0
+            if len(online) >= exp.federation.sites or (
+                len(online) >= sampling.min_sites and waited >= sampling.timeout_s
+            ):
+                return online
+            if waited > sampling.wait_for_sites_s:
+                raise QuorumNotReached(
+                    f"only {len(online)} site(s) online after {waited:.0f}s; the run needs "
+                    f"at least {sampling.min_sites} (federation.sampling.min_sites)"
+                )
+            if len(online) != noted:
+                noted = len(online)
+                log.info("waiting for sites: %d/%d online", noted, exp.federation.sites)
+            time.sleep(0.1)
+        return []
+
+    def _round(
+        self,
+        run_id: str,
+        exp: Experiment,
+        task: Task,
+        strategy: Strategy,
+        rng: np.random.Generator,
+        round_no: int,
+        model: dict[str, np.ndarray],
+        current: EncodedPayload,
+        stop: threading.Event,
+    ) -> tuple[EncodedPayload, dict[str, np.ndarray]] | None:
+        t0 = time.time()
+        sampling = exp.federation.sampling
+        population = self._await_population(exp, stop)
+        if not population:
+            return None
+        selected = sample_sites(
+            rng, population, sampling.fraction, sampling.method, sampling.min_sites
+        )
+        rng_state = rng.bit_generator.state
+        config = {**exp.round_config(), "round": round_no}
+        deadline = time.time() + sampling.timeout_s
+        collector = RoundCollector(set(selected), model, strategy.aggregator(model), UpdateLimits())
+        assignments = [
+            Assignment(
+                uuid.uuid4().hex,
+                site,
+                run_id,
+                round_no,
+                fleet_pb2.TASK_KIND_FIT,
+                canonical_json(config),
+                current,
+                deadline,
+                collector,
+            )
+            for site in selected
+        ]
+        self.dispatcher.post(assignments)
+        try:
+            self._wait_round(collector, deadline, stop)
+        finally:
+            self.dispatcher.withdraw(assignments)
+        t_collect = time.time() - t0
+        accepted = collector.accepted()
+        if len(accepted) < sampling.min_sites or stop.is_set():
+            return None
+        new_model = strategy.apply(model, collector.aggregator)
+        t_eval = time.time()
+        metrics = {**task.central_evaluate(new_model), **weighted_site_metrics(accepted)}
+        t_eval = time.time() - t_eval
+        payload = encode(new_model)
+        self.db.models.put(new_model, payload.digest)
+        outcome = collector.summary()
+        updates = {s: o.digest for s, o in accepted.items()}
+        seconds = time.time() - t0
+        entry = self.db.commit_round(
+            run_id,
+            round_no,
+            payload.digest,
+            current.digest,
+            metrics,
+            outcome["participants"],
+            rng_state,
+            {
+                "run_id": run_id,
+                "round": round_no,
+                "input_model": current.digest,
+                "output_model": payload.digest,
+                "config_digest": exp.config_digest(),
+                "strategy": exp.strategy.name,
+                "sampled": selected,
+                **outcome,
+                "update_digests": updates,
+                "merkle_root": merkle_root(updates),
+                "metrics": metrics,
+                "dp": None,
+                "secure_aggregation": "off",
+                "timings": {
+                    "collect_s": round(t_collect, 4),
+                    "evaluate_s": round(t_eval, 4),
+                    "total_s": round(seconds, 4),
+                },
+            },
+        )
+        self.emit(
+            run_id,
+            "round_committed",
+            progress_line(exp, round_no, len(selected), len(accepted), metrics, seconds),
+            {
+                "round": round_no,
+                "metrics": metrics,
+                "model": payload.digest,
+                "ledger_seq": entry.seq,
+                "dropped": outcome["dropped"],
+                "rejected": outcome["rejected"],
+            },
+        )
+        return payload, new_model
+
+    def _wait_round(
+        self, collector: RoundCollector, deadline: float, stop: threading.Event
+    ) -> None:
+        """Wait for results; count sampled sites silent for too long as dropped."""
+        while time.time() < deadline and not stop.is_set() and not collector.closed:
+            step = min(deadline, time.time() + 1.0)
+            collector.wait_until(step, stop)
+            cutoff = time.time() - LOST_AFTER_S
+            for site in collector.expected - collector.outcomes.keys():
+                if self.dispatcher.last_seen(site) < cutoff:
+                    collector.fail(site, "lost_contact")
+            if collector.complete():
+                break
+        collector.close()
+
+    def _finish(self, run_id: str, status: str, error: str | None) -> None:
+        row = self.db.run(run_id)
+        if row is None:
+            return
+        with self.db.transaction() as c:
+            entry = ledger.append(
+                c,
+                self.db.signing_key,
+                "run_finished",
+                {
+                    "run_id": run_id,
+                    "status": status,
+                    "error": error,
+                    "rounds_completed": row.rounds_completed,
+                    "final_model": row.model_digest,
+                },
+            )
+            summary = self.summary(run_id, status, entry.hash)
+            text = json.dumps(summary, indent=2)
+            self.db.set_run_status(c, run_id, status, error=error, summary=text)
+        run_dir = self.db.data_dir / "runs" / run_id
+        run_dir.mkdir(parents=True, exist_ok=True)
+        (run_dir / "summary.json").write_text(text + "\n")
+        if self.write_summary_to_data_dir:
+            (self.db.data_dir / "summary.json").write_text(text + "\n")
+        message = f"run {run_id} {status} after {row.rounds_completed} round(s)"
+        if error:
+            message += f": {error}"
+        self.emit(run_id, "run_finished", message, {"status": status, "error": error})
+
+    def summary(self, run_id: str, status: str, ledger_head: str) -> dict[str, Any]:
+        """The ``summary.json`` contract of DESIGN.md (plus ``status``)."""
+        row = self.db.run(run_id)
+        if row is None:
+            raise UnknownRun(f"no run {run_id!r}")
+        history = self.db.history(run_id)
+        return {
+            "run_id": run_id,
+            "name": row.name,
+            "status": status,
+            "rounds_completed": row.rounds_completed,
+            "final_model": row.model_digest,
+            "ledger_head": ledger_head,
+            "metrics": {k: v for k, v in history[-1].items() if k != "round"} if history else {},
+            "history": history,
+            "privacy": None,
+            "secure_aggregation": False,
+        }

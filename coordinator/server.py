@@ -1,0 +1,101 @@
+"""Assembles a coordinator: database, dispatcher, round engine and the gRPC server."""
+
+from __future__ import annotations
+
+import logging
+import threading
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import grpc
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+
+from coordinator.control import ControlServicer
+from coordinator.dispatch import Dispatcher
+from coordinator.engine import RoundEngine
+from coordinator.fleet import FleetServicer
+from coordinator.state import Database
+from protos.codec import CHUNK_SIZE
+from protos.fedcoord.v1 import control_pb2_grpc, fleet_pb2_grpc
+
+log = logging.getLogger("fedcoord.server")
+
+MAX_MESSAGE_BYTES = 4 * CHUNK_SIZE
+"""Largest single gRPC message either way: a chunk plus headroom for headers."""
+
+GRPC_OPTIONS = [
+    ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
+    ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
+    ("grpc.keepalive_time_ms", 30_000),
+    ("grpc.keepalive_permit_without_calls", 1),
+    ("grpc.http2.max_pings_without_data", 0),
+]
+SERVICES = ("fedcoord.v1.Fleet", "fedcoord.v1.Control")
+
+
+class Coordinator:
+    """A running coordinator bound to ``address`` (``host:port``; port 0 picks a free one).
+
+    Parameters
+    ----------
+    data_dir
+        Where ``ledger.db``, ``models/`` and ``keys/`` live.
+    open_enrollment
+        Let any site join without a token (local experiments only).
+    write_summary_to_data_dir
+        Also write ``<data_dir>/summary.json`` at the end of each run.
+    """
+
+    def __init__(
+        self,
+        data_dir: Path,
+        address: str = "127.0.0.1:0",
+        *,
+        open_enrollment: bool = False,
+        write_summary_to_data_dir: bool = False,
+        max_workers: int = 256,
+    ):
+        self.db = Database(data_dir)
+        self.dispatcher = Dispatcher()
+        self.engine = RoundEngine(
+            self.db, self.dispatcher, write_summary_to_data_dir=write_summary_to_data_dir
+        )
+        self.server = grpc.server(
+            ThreadPoolExecutor(max_workers=max_workers, thread_name_prefix="grpc"),
+            options=GRPC_OPTIONS,
+        )
+        fleet_pb2_grpc.add_FleetServicer_to_server(
+            FleetServicer(self.db, self.dispatcher, open_enrollment=open_enrollment), self.server
+        )
+        control_pb2_grpc.add_ControlServicer_to_server(
+            ControlServicer(self.engine, self.dispatcher), self.server
+        )
+        self.health = health.HealthServicer()
+        health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
+        self.port = self.server.add_insecure_port(address)
+        if self.port == 0:
+            raise OSError(f"cannot listen on {address}")
+        self.address = f"{address.rsplit(':', 1)[0]}:{self.port}"
+        self._engine_thread: threading.Thread | None = None
+
+    def start(self, *, run_engine: bool = True) -> None:
+        """Start serving; with ``run_engine`` also run queued runs in a background thread."""
+        self.server.start()
+        for name in ("", *SERVICES):
+            self.health.set(name, health_pb2.HealthCheckResponse.SERVING)
+        if run_engine:
+            self._engine_thread = threading.Thread(
+                target=self.engine.serve_forever, name="round-engine", daemon=True
+            )
+            self._engine_thread.start()
+        log.info("coordinator listening on %s (data dir %s)", self.address, self.db.data_dir)
+
+    def stop(self, grace: float = 2.0) -> None:
+        """Graceful stop: no new rounds, in-flight RPCs get ``grace`` seconds, state closed."""
+        for name in ("", *SERVICES):
+            self.health.set(name, health_pb2.HealthCheckResponse.NOT_SERVING)
+        self.engine.shutdown()
+        if self._engine_thread is not None:
+            self._engine_thread.join(timeout=30)
+        self.server.stop(grace).wait()
+        self.db.close()

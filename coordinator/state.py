@@ -1,0 +1,261 @@
+"""The coordinator's durable state: ``<data-dir>/ledger.db`` (SQLite, WAL) plus models.
+
+One connection, guarded by a lock, serves all threads; writes happen in short explicit
+transactions with ``synchronous=FULL`` so a committed round survives ``kill -9`` and
+power loss. A round commits atomically: its model file is fsynced first, then the round
+row, the run's progress and the ledger entry go in one transaction.
+"""
+
+from __future__ import annotations
+
+import json
+import sqlite3
+import threading
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from coordinator import ledger
+from coordinator.keys import load_or_create_signing_key
+from coordinator.model_store import ModelStore
+
+SCHEMA = """
+CREATE TABLE IF NOT EXISTS runs(
+    run_id TEXT PRIMARY KEY, name TEXT NOT NULL, experiment TEXT NOT NULL,
+    config_digest TEXT NOT NULL, status TEXT NOT NULL, rounds_total INTEGER NOT NULL,
+    rounds_completed INTEGER NOT NULL DEFAULT 0, model_digest TEXT,
+    created REAL NOT NULL, updated REAL NOT NULL, summary TEXT, error TEXT);
+CREATE TABLE IF NOT EXISTS rounds(
+    run_id TEXT NOT NULL, round INTEGER NOT NULL, model_digest TEXT NOT NULL,
+    parent_digest TEXT NOT NULL, metrics TEXT NOT NULL, participants TEXT NOT NULL,
+    rng_state TEXT NOT NULL, ledger_seq INTEGER NOT NULL, committed REAL NOT NULL,
+    PRIMARY KEY(run_id, round));
+CREATE TABLE IF NOT EXISTS sites(
+    site_id TEXT PRIMARY KEY, status TEXT NOT NULL, enrolled REAL NOT NULL,
+    public_key BLOB, properties TEXT NOT NULL DEFAULT '{}');
+CREATE TABLE IF NOT EXISTS ledger(
+    seq INTEGER PRIMARY KEY, kind TEXT NOT NULL, payload TEXT NOT NULL,
+    prev_hash TEXT NOT NULL, hash TEXT NOT NULL, signature TEXT NOT NULL);
+CREATE TABLE IF NOT EXISTS events(
+    run_id TEXT NOT NULL, seq INTEGER NOT NULL, kind TEXT NOT NULL, message TEXT NOT NULL,
+    data TEXT NOT NULL, time REAL NOT NULL, PRIMARY KEY(run_id, seq));
+"""
+
+RUN_ACTIVE = ("queued", "running")
+
+
+@dataclass(frozen=True)
+class RunRow:
+    run_id: str
+    name: str
+    experiment: str
+    config_digest: str
+    status: str
+    rounds_total: int
+    rounds_completed: int
+    model_digest: str | None
+    summary: str | None
+    error: str | None
+
+
+_RUN_COLUMNS = (
+    "run_id, name, experiment, config_digest, status, rounds_total, rounds_completed, "
+    "model_digest, summary, error"
+)
+
+
+class Database:
+    """``ledger.db`` of one data directory, its signing key and its model store."""
+
+    def __init__(self, data_dir: Path):
+        self.data_dir = data_dir
+        data_dir.mkdir(parents=True, exist_ok=True)
+        self.models = ModelStore(data_dir / "models")
+        self.signing_key = load_or_create_signing_key(data_dir)
+        self._lock = threading.RLock()
+        self._conn = sqlite3.connect(
+            data_dir / "ledger.db", check_same_thread=False, isolation_level=None
+        )
+        self._conn.execute("PRAGMA journal_mode=WAL")
+        self._conn.execute("PRAGMA synchronous=FULL")
+        self._conn.execute("PRAGMA foreign_keys=ON")
+        self._conn.executescript(SCHEMA)
+
+    def close(self) -> None:
+        with self._lock:
+            self._conn.close()
+
+    @contextmanager
+    def transaction(self) -> Iterator[sqlite3.Connection]:
+        """An exclusive write transaction; commits on success, rolls back on error."""
+        with self._lock:
+            self._conn.execute("BEGIN IMMEDIATE")
+            try:
+                yield self._conn
+            except BaseException:
+                self._conn.execute("ROLLBACK")
+                raise
+            self._conn.execute("COMMIT")
+
+    def query(self, sql: str, params: tuple[Any, ...] = ()) -> list[tuple[Any, ...]]:
+        with self._lock:
+            return self._conn.execute(sql, params).fetchall()
+
+    # runs ------------------------------------------------------------------------
+    def create_run(
+        self, run_id: str, name: str, experiment: str, config_digest: str, rounds_total: int
+    ) -> None:
+        now = time.time()
+        with self.transaction() as c:
+            c.execute(
+                "INSERT INTO runs(run_id, name, experiment, config_digest, status, rounds_total,"
+                " created, updated) VALUES (?,?,?,?,?,?,?,?)",
+                (run_id, name, experiment, config_digest, "queued", rounds_total, now, now),
+            )
+
+    def run(self, run_id: str) -> RunRow | None:
+        rows = self.query(f"SELECT {_RUN_COLUMNS} FROM runs WHERE run_id=?", (run_id,))
+        return RunRow(*rows[0]) if rows else None
+
+    def runs(self) -> list[RunRow]:
+        return [RunRow(*r) for r in self.query(f"SELECT {_RUN_COLUMNS} FROM runs ORDER BY created")]
+
+    def next_queued_run(self) -> RunRow | None:
+        rows = self.query(
+            f"SELECT {_RUN_COLUMNS} FROM runs WHERE status IN ('queued','running')"
+            " ORDER BY created LIMIT 1"
+        )
+        return RunRow(*rows[0]) if rows else None
+
+    def set_run_status(
+        self,
+        c: sqlite3.Connection,
+        run_id: str,
+        status: str,
+        *,
+        error: str | None = None,
+        summary: str | None = None,
+        model_digest: str | None = None,
+    ) -> None:
+        c.execute(
+            "UPDATE runs SET status=?, error=COALESCE(?, error), summary=COALESCE(?, summary),"
+            " model_digest=COALESCE(?, model_digest), updated=? WHERE run_id=?",
+            (status, error, summary, model_digest, time.time(), run_id),
+        )
+
+    # rounds ----------------------------------------------------------------------
+    def commit_round(
+        self,
+        run_id: str,
+        round_no: int,
+        model_digest: str,
+        parent_digest: str,
+        metrics: dict[str, Any],
+        participants: list[str],
+        rng_state: dict[str, Any],
+        ledger_payload: dict[str, Any],
+    ) -> ledger.Entry:
+        """Atomically record a finished round; the model file must already be stored."""
+        now = time.time()
+        with self.transaction() as c:
+            entry = ledger.append(c, self.signing_key, "round_committed", ledger_payload)
+            c.execute(
+                "INSERT INTO rounds(run_id, round, model_digest, parent_digest, metrics,"
+                " participants, rng_state, ledger_seq, committed) VALUES (?,?,?,?,?,?,?,?,?)",
+                (
+                    run_id,
+                    round_no,
+                    model_digest,
+                    parent_digest,
+                    json.dumps(metrics),
+                    json.dumps(participants),
+                    json.dumps(rng_state),
+                    entry.seq,
+                    now,
+                ),
+            )
+            c.execute(
+                "UPDATE runs SET rounds_completed=?, model_digest=?, updated=? WHERE run_id=?",
+                (round_no, model_digest, now, run_id),
+            )
+        return entry
+
+    def last_round(self, run_id: str) -> tuple[int, str, dict[str, Any]] | None:
+        """(round, model digest, rng state) of the run's last committed round."""
+        rows = self.query(
+            "SELECT round, model_digest, rng_state FROM rounds WHERE run_id=?"
+            " ORDER BY round DESC LIMIT 1",
+            (run_id,),
+        )
+        return (rows[0][0], rows[0][1], json.loads(rows[0][2])) if rows else None
+
+    def history(self, run_id: str) -> list[dict[str, Any]]:
+        rows = self.query(
+            "SELECT round, metrics FROM rounds WHERE run_id=? ORDER BY round", (run_id,)
+        )
+        return [{"round": r, **json.loads(m)} for r, m in rows]
+
+    # ledger ----------------------------------------------------------------------
+    def append_ledger(self, kind: str, payload: dict[str, Any]) -> ledger.Entry:
+        with self.transaction() as c:
+            return ledger.append(c, self.signing_key, kind, payload)
+
+    def ledger_head(self) -> str:
+        with self._lock:
+            return ledger.head(self._conn)
+
+    def ledger_entries(self) -> list[ledger.Entry]:
+        with self._lock:
+            return list(ledger.entries(self._conn))
+
+    def verify_ledger(self) -> int:
+        """Check the chain, signatures and every model the ledger names; returns entry count."""
+        with self._lock:
+            count = ledger.verify_chain(self._conn, self.signing_key.public_key())
+            entries = list(ledger.entries(self._conn))
+        for entry in entries:
+            for key in ("input_model", "output_model"):
+                digest = entry.payload.get(key)
+                if digest:
+                    self.models.verify(digest)
+        return count
+
+    # sites -----------------------------------------------------------------------
+    def upsert_site(self, site_id: str, properties: dict[str, str]) -> bool:
+        """Record an enrolled site; returns True when it is new."""
+        with self.transaction() as c:
+            row = c.execute("SELECT status FROM sites WHERE site_id=?", (site_id,)).fetchone()
+            if row:
+                return False
+            c.execute(
+                "INSERT INTO sites(site_id, status, enrolled, properties) VALUES (?,?,?,?)",
+                (site_id, "enrolled", time.time(), json.dumps(properties, sort_keys=True)),
+            )
+            ledger.append(c, self.signing_key, "site_enrolled", {"site_id": site_id})
+            return True
+
+    def sites(self) -> list[tuple[str, str]]:
+        return [
+            (s, st) for s, st in self.query("SELECT site_id, status FROM sites ORDER BY site_id")
+        ]
+
+    # events ----------------------------------------------------------------------
+    def add_event(self, run_id: str, kind: str, message: str, data: dict[str, Any]) -> int:
+        with self.transaction() as c:
+            row = c.execute("SELECT MAX(seq) FROM events WHERE run_id=?", (run_id,)).fetchone()
+            seq = (row[0] or 0) + 1
+            c.execute(
+                "INSERT INTO events(run_id, seq, kind, message, data, time) VALUES (?,?,?,?,?,?)",
+                (run_id, seq, kind, message, json.dumps(data), time.time()),
+            )
+        return seq
+
+    def events(self, run_id: str, from_seq: int = 0) -> list[tuple[int, str, str, str, float]]:
+        return self.query(
+            "SELECT seq, kind, message, data, time FROM events WHERE run_id=? AND seq>=?"
+            " ORDER BY seq",
+            (run_id, from_seq),
+        )

@@ -1,0 +1,155 @@
+"""The ``fedcoord`` command. It sits at the top of the import graph, so it can offer the
+operator commands (from ``coordinator.cli``), ``site`` and ``simulate`` in one tool.
+
+Exit codes: 0 ok, 1 runtime failure, 2 bad usage or bad configuration (one line on
+stderr naming the offending key or flag, never a traceback).
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import logging
+import sys
+from pathlib import Path
+from typing import NoReturn
+
+import grpc
+
+from client_sdk import Client, run_site
+from client_sdk.errors import SiteError
+from coordinator.cli import add_operator_commands, add_transport_flags, require_insecure
+from coordinator.errors import ConfigError, CoordinatorError
+from coordinator.experiment import load_experiment
+from coordinator.tasks import load_task
+from protos.errors import PayloadError
+from simulations.local import default_out_dir, simulate
+
+
+class Parser(argparse.ArgumentParser):
+    """Usage errors as one line on stderr, exit code 2."""
+
+    def error(self, message: str) -> NoReturn:
+        print(f"fedcoord: error: {message} (see '{self.prog} --help')", file=sys.stderr)
+        raise SystemExit(2)
+
+
+def cmd_simulate(args: argparse.Namespace) -> int:
+    exp = load_experiment(args.experiment, args.set or ())
+    out = Path(args.out) if args.out else default_out_dir(exp)
+    summary = simulate(exp, out)
+    print(f"summary: {out / 'summary.json'}")
+    return 0 if summary.get("status") == "finished" else 1
+
+
+def parse_partition(text: str) -> tuple[int, int]:
+    """``I/N`` with 1 <= I <= N."""
+    try:
+        i, n = (int(x) for x in text.split("/"))
+    except ValueError:
+        raise ConfigError("--partition", f"expected I/N such as 1/3, got {text!r}") from None
+    if not 1 <= i <= n:
+        raise ConfigError("--partition", f"I must be between 1 and N, got {text!r}")
+    return i, n
+
+
+def load_client(spec: str) -> Client:
+    """``module:callable`` returning a Client (or a Client instance itself)."""
+    module_name, _, attr = spec.partition(":")
+    if not module_name or not attr:
+        raise ConfigError("--client", f"expected module:callable, got {spec!r}")
+    try:
+        obj = getattr(importlib.import_module(module_name), attr)
+    except (ImportError, AttributeError) as exc:
+        raise ConfigError("--client", f"cannot load {spec!r}: {exc}") from None
+    client = obj if isinstance(obj, Client) else obj()
+    if not isinstance(client, Client):
+        raise ConfigError("--client", f"{spec!r} did not give a client_sdk.Client")
+    return client
+
+
+def cmd_site(args: argparse.Namespace) -> int:
+    require_insecure(args)
+    if args.task:
+        if not args.partition:
+            raise ConfigError("--partition", "--task needs --partition I/N")
+        i, n = parse_partition(args.partition)
+        task = load_task(args.task, args.model, {}, args.seed)
+        client = task.make_client(i - 1, n, {"kind": "iid"}, args.seed)
+    else:
+        client = load_client(args.client)
+    logging.basicConfig(
+        level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+    )
+    run_site(
+        client,
+        args.coordinator,
+        args.site_id,
+        args.token,
+        insecure=args.insecure,
+        max_unavailable_s=args.max_unavailable,
+    )
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = Parser(prog="fedcoord", description="federated learning coordination service")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("simulate", help="run a whole federation on this machine")
+    p.add_argument("experiment", help="experiment YAML file")
+    p.add_argument("--out", help="run directory (default runs/<name>-<utc time>)")
+    p.add_argument(
+        "--set",
+        action="append",
+        metavar="KEY.PATH=VALUE",
+        help="override a setting of the experiment (repeatable)",
+    )
+    p.set_defaults(func=cmd_simulate)
+
+    p = sub.add_parser("site", help="run one data site")
+    p.add_argument("--coordinator", required=True, help="HOST:PORT of the coordinator")
+    p.add_argument("--site-id", required=True)
+    source = p.add_mutually_exclusive_group(required=True)
+    source.add_argument("--task", help="a built-in task (digits, breast_cancer, synthetic)")
+    source.add_argument("--client", help="module:callable returning a client_sdk.Client")
+    p.add_argument("--partition", help="with --task: this site's share I/N of the data (iid)")
+    p.add_argument("--model", help="with --task: model name (default: the task's)")
+    p.add_argument("--seed", type=int, default=0, help="with --task: partitioning seed")
+    p.add_argument("--token", help="enrollment token")
+    p.add_argument(
+        "--max-unavailable",
+        type=float,
+        default=300.0,
+        metavar="SECONDS",
+        help="give up after this long without reaching the coordinator",
+    )
+    add_transport_flags(p)
+    p.set_defaults(func=cmd_site)
+
+    add_operator_commands(sub)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return int(args.func(args))
+    except ConfigError as exc:
+        print(f"fedcoord: error: {exc}", file=sys.stderr)
+        return 2
+    except (CoordinatorError, SiteError, PayloadError) as exc:
+        print(f"fedcoord: error: {exc}", file=sys.stderr)
+        return 1
+    except grpc.RpcError as exc:
+        print(
+            f"fedcoord: error: coordinator said {exc.code().name}: {exc.details()}", file=sys.stderr
+        )
+        return 1
+    except KeyboardInterrupt:
+        print("fedcoord: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,89 @@
+"""``fedcoord simulate`` on this machine: a real coordinator on 127.0.0.1 and real sites.
+
+The coordinator (gRPC server, round engine, SQLite ledger, model store) runs in this
+process; the sites run in ``simulation.workers`` spawned worker processes and talk
+gRPC to it exactly as remote sites would.
+"""
+
+from __future__ import annotations
+
+import json
+import multiprocessing as mp
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any, TextIO
+
+from coordinator.engine import RunEvent
+from coordinator.errors import ConfigError
+from coordinator.experiment import Experiment
+from coordinator.server import Coordinator
+from simulations.sites import worker_main
+
+PRINTED = frozenset(
+    {"run_started", "run_resumed", "round_committed", "round_failed", "run_finished"}
+)
+
+
+def default_out_dir(exp: Experiment) -> Path:
+    return Path("runs") / f"{exp.name}-{time.strftime('%Y%m%dT%H%M%SZ', time.gmtime())}"
+
+
+def printer(stream: TextIO) -> Callable[[RunEvent], None]:
+    def show(event: RunEvent) -> None:
+        if event.kind in PRINTED:
+            print(event.message, file=stream, flush=True)
+
+    return show
+
+
+def check_supported(exp: Experiment) -> None:
+    """Refuse simulation features this version cannot honour (never ignore them)."""
+    if exp.federation.byzantine.sites > 0:
+        raise ConfigError(
+            "federation.byzantine.sites",
+            "attack simulation is not available in this version of fedcoord",
+        )
+
+
+def simulate(exp: Experiment, out_dir: Path, stream: TextIO = sys.stdout) -> dict[str, Any]:
+    """Run the whole federation; returns the run's ``summary.json`` content."""
+    check_supported(exp)
+    if (out_dir / "ledger.db").exists():
+        raise ConfigError("--out", f"{out_dir} already holds a run; choose another directory")
+    coordinator = Coordinator(
+        out_dir, "127.0.0.1:0", open_enrollment=True, write_summary_to_data_dir=True
+    )
+    coordinator.engine.add_listener(printer(stream))
+    ctx = mp.get_context("spawn")
+    stop = ctx.Event()
+    workers = [
+        ctx.Process(
+            target=worker_main,
+            name=f"fedcoord-worker-{w}",
+            daemon=True,
+            args=(w, exp.simulation.workers, exp.canonical_json(), coordinator.address, stop),
+        )
+        for w in range(min(exp.simulation.workers, exp.federation.sites))
+    ]
+    try:
+        coordinator.start(run_engine=False)
+        row = coordinator.engine.submit(exp.canonical_json(), "simulation")
+        print(
+            f"simulating {exp.federation.sites} sites in {len(workers)} worker process(es); "
+            f"run {row.run_id}, output in {out_dir}",
+            file=stream,
+            flush=True,
+        )
+        for w in workers:
+            w.start()
+        final = coordinator.engine.execute(row.run_id)
+    finally:
+        stop.set()
+        for w in workers:
+            w.join(timeout=10)
+            if w.is_alive():
+                w.kill()
+        coordinator.stop(grace=1.0)
+    return json.loads(final.summary or "{}")

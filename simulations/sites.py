@@ -1,0 +1,103 @@
+"""Simulated data sites: real gRPC clients hosted in worker processes.
+
+Each worker process hosts every ``workers``-th site of the federation as a thread
+running :func:`client_sdk.run_site` over its own channel to the coordinator on
+127.0.0.1. A site's data and model are built lazily at its first task, and a worker
+trains one site at a time, so ``simulation.workers`` bounds the training concurrency.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import threading
+from multiprocessing.synchronize import Event as ProcessEvent
+
+import numpy as np
+
+from client_sdk import Client, EvaluateResult, FitResult, run_site
+from client_sdk.api import Arrays, Config
+from coordinator.experiment import Experiment, parse_experiment
+from coordinator.tasks import Task, load_task
+
+
+class SimulatedDropout(RuntimeError):
+    """The simulation decided this site drops out of this round."""
+
+
+def site_name(index: int, num_sites: int) -> str:
+    return f"site-{index:0{max(3, len(str(num_sites - 1)))}d}"
+
+
+class SimulatedSite(Client):
+    """A task's client for one partition, built at first use, with simulated dropouts."""
+
+    def __init__(self, task: Task, index: int, exp: Experiment, train_lock: threading.Lock):
+        self.task = task
+        self.index = index
+        self.exp = exp
+        self.train_lock = train_lock
+        self._client: Client | None = None
+
+    @property
+    def client(self) -> Client:
+        if self._client is None:
+            fed = self.exp.federation
+            self._client = self.task.make_client(
+                self.index, fed.sites, fed.partition.model_dump(), self.exp.seed
+            )
+        return self._client
+
+    def _maybe_drop(self, config: Config) -> None:
+        p = self.exp.federation.dropout
+        if p <= 0.0:
+            return
+        rng = np.random.default_rng([self.exp.seed, int(config.get("round", 0)), self.index, 1])
+        if rng.random() < p:
+            raise SimulatedDropout(f"simulated dropout (p={p})")
+
+    def fit(self, arrays: Arrays, config: Config) -> FitResult:
+        self._maybe_drop(config)
+        with self.train_lock:
+            return self.client.fit(arrays, config)
+
+    def evaluate(self, arrays: Arrays, config: Config) -> EvaluateResult:
+        with self.train_lock:
+            return self.client.evaluate(arrays, config)
+
+
+def worker_main(
+    worker: int, workers: int, experiment_json: str, address: str, stop: ProcessEvent
+) -> None:
+    """Entry point of one worker process (spawned, so no gRPC state is inherited)."""
+    import torch
+
+    torch.set_num_threads(1)
+    logging.basicConfig(
+        level=logging.WARNING, format=f"[worker {worker}] %(levelname)s %(message)s"
+    )
+    exp = parse_experiment(experiment_json, "simulation")
+    task = load_task(exp.task.name, exp.task.model, exp.task.options, exp.seed)
+    lock = threading.Lock()
+    site_stop = threading.Event()
+    n = exp.federation.sites
+    for index in range(worker, n, workers):
+        site = SimulatedSite(task, index, exp, lock)
+        threading.Thread(
+            target=_serve_site,
+            args=(site, address, site_name(index, n), site_stop),
+            name=site_name(index, n),
+            daemon=True,
+        ).start()
+    stop.wait()
+    site_stop.set()
+    os._exit(0)  # site threads may sit in a long poll; nothing of theirs needs flushing
+
+
+def _serve_site(site: SimulatedSite, address: str, name: str, stop: threading.Event) -> None:
+    try:
+        run_site(
+            site, address, name, insecure=True, stop=stop, poll_wait_s=10, max_unavailable_s=120
+        )
+    except Exception as exc:  # a dead site must not kill its worker's other sites
+        logging.getLogger("fedcoord.simulation").error("%s stopped: %s", name, exc)
