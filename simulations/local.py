@@ -19,6 +19,7 @@ from coordinator.engine import RunEvent
 from coordinator.errors import ConfigError
 from coordinator.experiment import Experiment
 from coordinator.server import Coordinator
+from coordinator.tasks import load_task
 from simulations.sites import worker_main
 
 PRINTED = frozenset(
@@ -38,18 +39,25 @@ def printer(stream: TextIO) -> Callable[[RunEvent], None]:
     return show
 
 
-def check_supported(exp: Experiment) -> None:
-    """Refuse simulation features this version cannot honour (never ignore them)."""
+def preflight(exp: Experiment) -> None:
+    """Fail fast, before any process starts, on what the sites would trip over.
+
+    Refuses features this version cannot honour (never ignores them) and builds the
+    task and the first site's partition, so a bad task option or an infeasible split
+    is a configuration error, not a failed run.
+    """
     if exp.federation.byzantine.sites > 0:
         raise ConfigError(
             "federation.byzantine.sites",
             "attack simulation is not available in this version of fedcoord",
         )
+    task = load_task(exp.task.name, exp.task.model, exp.task.options, exp.seed)
+    task.make_client(0, exp.federation.sites, exp.federation.partition.spec(), exp.seed)
 
 
 def simulate(exp: Experiment, out_dir: Path, stream: TextIO = sys.stdout) -> dict[str, Any]:
     """Run the whole federation; returns the run's ``summary.json`` content."""
-    check_supported(exp)
+    preflight(exp)
     if (out_dir / "ledger.db").exists():
         raise ConfigError("--out", f"{out_dir} already holds a run; choose another directory")
     coordinator = Coordinator(

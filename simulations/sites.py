@@ -44,7 +44,7 @@ class SimulatedSite(Client):
         if self._client is None:
             fed = self.exp.federation
             self._client = self.task.make_client(
-                self.index, fed.sites, fed.partition.model_dump(), self.exp.seed
+                self.index, fed.sites, fed.partition.spec(), self.exp.seed
             )
         return self._client
 
