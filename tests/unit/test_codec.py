@@ -25,7 +25,9 @@ def roundtrip(arrays, chunk_size=codec.CHUNK_SIZE):
     st.dictionaries(
         st.text("abcdefghij._", min_size=1, max_size=8),
         st.sampled_from(DTYPES).flatmap(
-            lambda d: hnp.arrays(d, hnp.array_shapes(min_dims=0, max_dims=3, min_side=0, max_side=5))
+            lambda d: hnp.arrays(
+                d, hnp.array_shapes(min_dims=0, max_dims=3, min_side=0, max_side=5)
+            )
         ),
         max_size=5,
     ),

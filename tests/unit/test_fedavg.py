@@ -31,10 +31,14 @@ def test_fedavg_equals_the_weighted_mean_of_models():
     out = strategy.apply(ref, agg)
     total = sum(weights)
     for name in ("w", "b"):
-        expected = sum(w * u[name].astype(np.float64) for u, w in zip(updates, weights, strict=True))
+        expected = sum(
+            w * u[name].astype(np.float64) for u, w in zip(updates, weights, strict=True)
+        )
         np.testing.assert_allclose(out[name], expected / total, rtol=1e-5, atol=1e-6)
         assert out[name].dtype == np.float32
-    counter = sum(w * int(u["bn.num_batches_tracked"]) for u, w in zip(updates, weights, strict=True))
+    counter = sum(
+        w * int(u["bn.num_batches_tracked"]) for u, w in zip(updates, weights, strict=True)
+    )
     assert out["bn.num_batches_tracked"].dtype == np.int64
     assert out["bn.num_batches_tracked"] == round(counter / total)
 
@@ -44,7 +48,9 @@ def test_accumulator_memory_does_not_grow_and_stays_float32():
     agg = WeightedDeltaMean(ref)
     before = agg._acc.nbytes + agg._scratch.nbytes
     for _ in range(50):
-        agg.add({"w": np.ones(1000, np.float32)}, np.float64(2.0))  # a float64 weight must not promote
+        agg.add(
+            {"w": np.ones(1000, np.float32)}, np.float64(2.0)
+        )  # a float64 weight must not promote
     assert agg._acc.dtype == np.float32 and agg._acc.nbytes + agg._scratch.nbytes == before
     assert np.allclose(agg.mean()["w"], 1.0)
 

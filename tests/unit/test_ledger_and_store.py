@@ -45,13 +45,17 @@ def test_untouched_ledger_verifies(db):
 @pytest.mark.parametrize(
     "sql, message",
     [
-        ("UPDATE ledger SET payload=replace(payload, '\"round\":1', '\"round\":2') WHERE seq=2",
-         "entry 2 .*edited"),
+        (
+            "UPDATE ledger SET payload=replace(payload, '\"round\":1', '\"round\":2') WHERE seq=2",
+            "entry 2 .*edited",
+        ),
         ("UPDATE ledger SET payload=payload || ' ' WHERE seq=1", "entry 1 .*canonical"),
         ("DELETE FROM ledger WHERE seq=2", "entry 3 .*removed or reordered"),
-        ("UPDATE ledger SET signature=replace(signature, substr(signature,1,1), "
-         "CASE substr(signature,1,1) WHEN 'a' THEN 'b' ELSE 'a' END) WHERE seq=3",
-         "entry 3 .*signature"),
+        (
+            "UPDATE ledger SET signature=replace(signature, substr(signature,1,1), "
+            "CASE substr(signature,1,1) WHEN 'a' THEN 'b' ELSE 'a' END) WHERE seq=3",
+            "entry 3 .*signature",
+        ),
         ("UPDATE ledger SET kind='drift_alert' WHERE seq=3", "entry 3 .*edited"),
     ],
 )
