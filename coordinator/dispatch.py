@@ -92,11 +92,12 @@ class RoundCollector:
             self._cond.notify_all()
             return outcome
 
-    def fail(self, site_id: str, reason: str) -> None:
-        """Record that a site could not deliver (its own error, a bad payload, a dropout)."""
+    def fail(self, site_id: str, reason: str, status: str = "failed") -> None:
+        """Record a site that did not deliver (``failed``: its own error, a dropout, lost
+        contact) or whose result was refused before decoding (``rejected``)."""
         with self._cond:
             if not self.closed and site_id in self.expected and site_id not in self.outcomes:
-                self.outcomes[site_id] = SiteOutcome("failed", reason=reason)
+                self.outcomes[site_id] = SiteOutcome(status, reason=reason)
                 self._cond.notify_all()
 
     def complete(self) -> bool:

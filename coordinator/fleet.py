@@ -8,11 +8,13 @@ from collections.abc import Iterator
 
 import grpc
 
-from coordinator.dispatch import Dispatcher
+from coordinator.dispatch import Dispatcher, RoundCollector
 from coordinator.state import Database
 from protos.codec import PayloadAssembler
 from protos.errors import PayloadError
 from protos.fedcoord.v1 import common_pb2, fleet_pb2, fleet_pb2_grpc
+from strategies.errors import InvalidUpdate
+from strategies.validation import check_specs
 
 log = logging.getLogger("fedcoord.fleet")
 
@@ -114,16 +116,20 @@ class FleetServicer(fleet_pb2_grpc.FleetServicer):
             collector.fail(header.site_id, f"site_error: {header.error[:200]}")
             return fleet_pb2.PushReply(accepted=False, reason="site reported an error")
         try:
+            check_specs(
+                {t.name: (t.dtype, tuple(t.shape)) for t in header.update.tensors},
+                collector.spec,
+            )
             assembler = PayloadAssembler(header.update, max_bytes=assignment.model.total_bytes)
             for message in request_iterator:
                 if message.WhichOneof("kind") != "chunk":
                     raise PayloadError("unexpected message after the result header")
                 assembler.add(message.chunk.data)
             arrays = assembler.finish()
+        except InvalidUpdate as exc:
+            return self._reject(collector, header.site_id, str(exc))
         except PayloadError as exc:
-            collector.fail(header.site_id, f"bad_payload: {exc}")
-            log.warning("site %s: rejected payload: %s", header.site_id, exc)
-            return fleet_pb2.PushReply(accepted=False, reason=f"bad_payload: {exc}")
+            return self._reject(collector, header.site_id, f"bad_payload: {exc}")
         outcome = collector.submit(
             header.site_id,
             arrays,
@@ -134,6 +140,12 @@ class FleetServicer(fleet_pb2_grpc.FleetServicer):
         if outcome.status != "accepted":
             log.warning("site %s: update rejected: %s", header.site_id, outcome.reason)
         return fleet_pb2.PushReply(accepted=outcome.status == "accepted", reason=outcome.reason)
+
+    @staticmethod
+    def _reject(collector: RoundCollector, site_id: str, reason: str) -> fleet_pb2.PushReply:
+        collector.fail(site_id, reason, status="rejected")
+        log.warning("site %s: result rejected: %s", site_id, reason)
+        return fleet_pb2.PushReply(accepted=False, reason=reason)
 
     def Heartbeat(
         self,

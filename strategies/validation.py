@@ -32,20 +32,24 @@ class UpdateLimits:
     max_norm: float | None = None
 
 
-def check_structure(arrays: Arrays, spec: ModelSpec) -> None:
+def check_specs(specs: Mapping[str, tuple[np.dtype, tuple[int, ...]]], spec: ModelSpec) -> None:
     """Same names, dtypes and shapes as the global model (no broadcasting, no casting)."""
-    missing = spec.tensors.keys() - arrays.keys()
+    missing = spec.tensors.keys() - specs.keys()
     if missing:
         raise InvalidUpdate("missing_tensor", f"update lacks {sorted(missing)[:3]}")
-    extra = arrays.keys() - spec.tensors.keys()
+    extra = specs.keys() - spec.tensors.keys()
     if extra:
         raise InvalidUpdate("unexpected_tensor", f"update has unknown {sorted(extra)[:3]}")
     for name, (dtype, shape) in spec.tensors.items():
-        got = arrays[name]
-        if got.dtype != dtype:
-            raise InvalidUpdate("dtype_mismatch", f"{name}: {got.dtype} instead of {dtype}")
-        if got.shape != shape:
-            raise InvalidUpdate("shape_mismatch", f"{name}: {got.shape} instead of {shape}")
+        got_dtype, got_shape = specs[name]
+        if got_dtype != dtype:
+            raise InvalidUpdate("dtype_mismatch", f"{name}: {got_dtype} instead of {dtype}")
+        if tuple(got_shape) != shape:
+            raise InvalidUpdate("shape_mismatch", f"{name}: {tuple(got_shape)} instead of {shape}")
+
+
+def check_structure(arrays: Arrays, spec: ModelSpec) -> None:
+    check_specs({k: (a.dtype, a.shape) for k, a in arrays.items()}, spec)
 
 
 def check_finite(arrays: Arrays) -> None:

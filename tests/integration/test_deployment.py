@@ -38,7 +38,13 @@ training: {{local_epochs: 1, batch_size: 16, optimizer: {{name: sgd, lr: 0.05, m
 
 def serve(processes: Processes, data: Path, port: int, name: str = "serve"):
     proc = processes.start(
-        name, "serve", "--data-dir", str(data), "--address", f"127.0.0.1:{port}", "--insecure",
+        name,
+        "serve",
+        "--data-dir",
+        str(data),
+        "--address",
+        f"127.0.0.1:{port}",
+        "--insecure",
         "--open-enrollment",
     )
     wait_for(lambda: "serving on" in processes.log(proc), 30, "the coordinator to listen")
@@ -52,7 +58,10 @@ def control(port: int) -> control_pb2_grpc.ControlStub:
 def ledger_entries(data: Path) -> list[dict]:
     out = subprocess.run(
         [sys.executable, "-m", "simulations.cli", "ledger", "export", str(data)],
-        cwd=ROOT, capture_output=True, text=True, check=True,
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        check=True,
     )
     return [json.loads(line) for line in out.stdout.splitlines()]
 
@@ -60,7 +69,9 @@ def ledger_entries(data: Path) -> list[dict]:
 def verify_ledger(data: Path) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
         [sys.executable, "-m", "simulations.cli", "ledger", "verify", str(data)],
-        cwd=ROOT, capture_output=True, text=True,
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
     )
 
 
@@ -74,12 +85,26 @@ def test_coordinator_and_three_site_processes_complete_a_run(tmp_path, processes
     serve(processes, data, port)
     for i in (1, 2, 3):
         processes.start(
-            f"site{i}", "site", "--coordinator", f"127.0.0.1:{port}", "--site-id", f"hospital-{i}",
-            "--task", "digits", "--partition", f"{i}/3", "--insecure",
+            f"site{i}",
+            "site",
+            "--coordinator",
+            f"127.0.0.1:{port}",
+            "--site-id",
+            f"hospital-{i}",
+            "--task",
+            "digits",
+            "--partition",
+            f"{i}/3",
+            "--insecure",
         )
     run = processes.start(
-        "run", "run", str(experiment(tmp_path, rounds=3, timeout_s=30)), "--coordinator",
-        f"127.0.0.1:{port}", "--wait", "--insecure",
+        "run",
+        "run",
+        str(experiment(tmp_path, rounds=3, timeout_s=30)),
+        "--coordinator",
+        f"127.0.0.1:{port}",
+        "--wait",
+        "--insecure",
     )
     assert run.wait(timeout=120) == 0, processes.log(run)
     log = processes.log(run)
@@ -98,20 +123,44 @@ def test_site_killed_mid_round_does_not_stall_the_round(tmp_path, processes):
     address = f"127.0.0.1:{port}"
     for i in (1, 2):
         processes.start(
-            f"site{i}", "site", "--coordinator", address, "--site-id", f"site-{i}", "--task",
-            "digits", "--partition", f"{i}/3", "--insecure",
+            f"site{i}",
+            "site",
+            "--coordinator",
+            address,
+            "--site-id",
+            f"site-{i}",
+            "--task",
+            "digits",
+            "--partition",
+            f"{i}/3",
+            "--insecure",
         )
     marker = tmp_path / "victim-training"
     victim = processes.start(
-        "victim", "site", "--coordinator", address, "--site-id", "site-3", "--client",
-        "tests.integration.clients:slow_site", "--insecure",
-        env={"FEDCOORD_TEST_PARTITION": "3/3", "FEDCOORD_TEST_FIT_S": "60",
-             "FEDCOORD_TEST_MARKER": str(marker)},
+        "victim",
+        "site",
+        "--coordinator",
+        address,
+        "--site-id",
+        "site-3",
+        "--client",
+        "tests.integration.clients:slow_site",
+        "--insecure",
+        env={
+            "FEDCOORD_TEST_PARTITION": "3/3",
+            "FEDCOORD_TEST_FIT_S": "60",
+            "FEDCOORD_TEST_MARKER": str(marker),
+        },
     )
     timeout_s = 6.0
     run = processes.start(
-        "run", "run", str(experiment(tmp_path, rounds=2, timeout_s=timeout_s)),
-        "--coordinator", address, "--wait", "--insecure",
+        "run",
+        "run",
+        str(experiment(tmp_path, rounds=2, timeout_s=timeout_s)),
+        "--coordinator",
+        address,
+        "--wait",
+        "--insecure",
     )
     wait_for(marker.exists, 60, "the victim site to start training")
     victim.send_signal(signal.SIGKILL)
@@ -129,8 +178,15 @@ def test_run_survives_a_coordinator_kill_and_restart(tmp_path, processes):
     address = f"127.0.0.1:{port}"
     sites = [
         processes.start(
-            f"site{i}", "site", "--coordinator", address, "--site-id", f"site-{i}", "--client",
-            "tests.integration.clients:slow_site", "--insecure",
+            f"site{i}",
+            "site",
+            "--coordinator",
+            address,
+            "--site-id",
+            f"site-{i}",
+            "--client",
+            "tests.integration.clients:slow_site",
+            "--insecure",
             env={"FEDCOORD_TEST_PARTITION": f"{i}/3", "FEDCOORD_TEST_FIT_S": "0.5"},
         )
         for i in (1, 2, 3)
@@ -165,8 +221,17 @@ def test_site_stops_cleanly_on_ctrl_c(tmp_path, processes):
     port = free_port()
     serve(processes, tmp_path / "coord", port)
     site = processes.start(
-        "site", "site", "--coordinator", f"127.0.0.1:{port}", "--site-id", "s1", "--task",
-        "digits", "--partition", "1/2", "--insecure",
+        "site",
+        "site",
+        "--coordinator",
+        f"127.0.0.1:{port}",
+        "--site-id",
+        "s1",
+        "--task",
+        "digits",
+        "--partition",
+        "1/2",
+        "--insecure",
     )
     wait_for(lambda: "enrolled" in processes.log(site), 30, "the site to enroll")
     site.send_signal(signal.SIGINT)

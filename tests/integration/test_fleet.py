@@ -1,0 +1,173 @@
+"""A real coordinator on 127.0.0.1 with site threads speaking real gRPC: poisoned and
+malformed results are rejected, recorded, and change nothing else."""
+
+from __future__ import annotations
+
+import json
+import threading
+
+import grpc
+import numpy as np
+import pytest
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+from client_sdk import run_site
+from coordinator.server import Coordinator
+from coordinator.tasks import load_task
+from protos.codec import encode
+from protos.fedcoord.v1 import common_pb2, fleet_pb2, fleet_pb2_grpc
+from tests.integration.clients import HostileSite
+
+pytestmark = pytest.mark.integration
+
+EXPERIMENT = """
+name: fleet-test
+seed: 1
+rounds: 2
+task: {name: digits}
+federation:
+  sites: 5
+  sampling: {fraction: 1.0, method: fixed, min_sites: 2, timeout_s: 30}
+training: {local_epochs: 1, batch_size: 16}
+"""
+
+
+@pytest.fixture
+def coordinator(tmp_path):
+    c = Coordinator(tmp_path / "coord", "127.0.0.1:0", open_enrollment=True)
+    c.start(run_engine=False)
+    yield c
+    c.stop(grace=0.5)
+
+
+def start_sites(coordinator: Coordinator, clients: dict, stop: threading.Event) -> None:
+    for name, client in clients.items():
+        threading.Thread(
+            target=run_site,
+            args=(client, coordinator.address, name),
+            kwargs={"insecure": True, "stop": stop, "poll_wait_s": 1},
+            daemon=True,
+        ).start()
+
+
+def test_poisoned_updates_are_rejected_and_recorded(coordinator):
+    task = load_task("digits", None, {}, 0)
+    honest = {f"honest-{i}": task.make_client(i, 3, {"kind": "iid"}, 0) for i in range(3)}
+    hostile = {"nan-site": HostileSite("nan"), "shape-site": HostileSite("shape")}
+    stop = threading.Event()
+    start_sites(coordinator, {**honest, **hostile}, stop)
+    try:
+        run = coordinator.engine.submit(EXPERIMENT)
+        final = coordinator.engine.execute(run.run_id)
+    finally:
+        stop.set()
+    assert final.status == "finished", final.error
+    rounds = [e.payload for e in coordinator.db.ledger_entries() if e.kind == "round_committed"]
+    assert len(rounds) == 2
+    for entry in rounds:
+        assert entry["participants"] == sorted(honest)
+        reasons = {r["site"]: r["reason"] for r in entry["rejected"]}
+        assert reasons["nan-site"].startswith("non_finite")
+        assert reasons["shape-site"].startswith("shape_mismatch")
+        assert set(entry["update_digests"]) == set(honest)
+    # the committed model is finite: nothing of the poisoned updates reached it
+    model = coordinator.db.models.get(rounds[-1]["output_model"])
+    assert all(np.isfinite(a).all() for a in model.values())
+    assert coordinator.db.verify_ledger() > 0
+
+
+def fleet(coordinator: Coordinator) -> fleet_pb2_grpc.FleetStub:
+    return fleet_pb2_grpc.FleetStub(grpc.insecure_channel(coordinator.address))
+
+
+def test_health_service_reports_serving(coordinator):
+    stub = health_pb2_grpc.HealthStub(grpc.insecure_channel(coordinator.address))
+    for service in ("", "fedcoord.v1.Fleet", "fedcoord.v1.Control"):
+        reply = stub.Check(health_pb2.HealthCheckRequest(service=service), timeout=5)
+        assert reply.status == health_pb2.HealthCheckResponse.SERVING
+
+
+def test_unenrolled_sites_and_bad_ids_are_refused(coordinator):
+    stub = fleet(coordinator)
+    with pytest.raises(grpc.RpcError) as info:
+        list(stub.PullTask(fleet_pb2.PullTaskRequest(site_id="stranger", wait_s=0), timeout=5))
+    assert info.value.code() == grpc.StatusCode.PERMISSION_DENIED
+    with pytest.raises(grpc.RpcError) as info:
+        stub.Enroll(fleet_pb2.EnrollRequest(site_id="../etc/passwd"), timeout=5)
+    assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+
+
+def test_results_for_unknown_tasks_and_headerless_streams_are_refused(coordinator):
+    stub = fleet(coordinator)
+    stub.Enroll(fleet_pb2.EnrollRequest(site_id="s1"), timeout=5)
+    payload = encode({"w": np.zeros(3, np.float32)})
+
+    def push(*messages):
+        return stub.PushResult(iter(messages), timeout=5)
+
+    header = fleet_pb2.ResultHeader(site_id="s1", task_id="no-such-task", num_examples=5)
+    header.update.CopyFrom(payload.header())
+    reply = push(
+        fleet_pb2.ResultMessage(header=header),
+        *(fleet_pb2.ResultMessage(chunk=common_pb2.Chunk(data=c)) for c in payload.chunks()),
+    )
+    assert not reply.accepted and reply.reason == "task_not_active"
+    with pytest.raises(grpc.RpcError) as info:
+        push(fleet_pb2.ResultMessage(chunk=common_pb2.Chunk(data=b"x")))
+    assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+
+
+def test_corrupted_upload_is_refused_and_the_round_goes_on(coordinator):
+    """A site whose chunks do not match its digest is dropped; the honest ones commit."""
+    task = load_task("digits", None, {}, 0)
+    stop = threading.Event()
+    start_sites(
+        coordinator,
+        {f"honest-{i}": task.make_client(i, 2, {"kind": "iid"}, 0) for i in range(2)},
+        stop,
+    )
+    raw = fleet(coordinator)
+    raw.Enroll(fleet_pb2.EnrollRequest(site_id="forger"), timeout=5)
+    experiment = EXPERIMENT.replace("rounds: 2", "rounds: 1").replace("sites: 5", "sites: 3")
+    run = coordinator.engine.submit(experiment)
+    result: dict = {}
+    worker = threading.Thread(
+        target=lambda: result.update(row=coordinator.engine.execute(run.run_id))
+    )
+    worker.start()
+    try:
+        messages = iter(
+            raw.PullTask(fleet_pb2.PullTaskRequest(site_id="forger", wait_s=30), timeout=60)
+        )
+        header = next(messages).header
+        assert header.round == 1
+        model = {t.name: np.zeros(tuple(t.shape), t.dtype) for t in header.model.tensors}
+        forged = encode(model)
+        result_header = fleet_pb2.ResultHeader(
+            site_id="forger", task_id=header.task_id, num_examples=10
+        )
+        result_header.update.CopyFrom(forged.header())
+        chunks = [bytearray(c) for c in forged.chunks()]
+        chunks[0][0] ^= 0xFF
+        reply = raw.PushResult(
+            iter(
+                [fleet_pb2.ResultMessage(header=result_header)]
+                + [fleet_pb2.ResultMessage(chunk=common_pb2.Chunk(data=bytes(c))) for c in chunks]
+            ),
+            timeout=30,
+        )
+        assert not reply.accepted and "digest mismatch" in reply.reason
+        worker.join(timeout=60)
+    finally:
+        stop.set()
+    assert result["row"].status == "finished"
+    entry = next(e.payload for e in coordinator.db.ledger_entries() if e.kind == "round_committed")
+    assert entry["participants"] == ["honest-0", "honest-1"]
+    assert entry["rejected"][0]["site"] == "forger"
+    assert entry["rejected"][0]["reason"].startswith("bad_payload")
+    events = coordinator.db.events(run.run_id)
+    assert any(
+        json.loads(data).get("rejected")
+        for _, kind, _, data, _ in events
+        if kind == "round_committed"
+    )
