@@ -1,0 +1,88 @@
+"""The demo a new user runs: `fedcoord simulate examples/digits.yaml`, checked end to end."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+from tests.conftest import ROOT
+
+pytestmark = pytest.mark.slow
+
+
+def fedcoord(*args: str, timeout: float = 300) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "simulations.cli", *args],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
+
+
+def test_digits_demo_reaches_93_percent_and_writes_the_contract(tmp_path):
+    out = tmp_path / "run"
+    done = fedcoord("simulate", "examples/digits.yaml", "--out", str(out))
+    assert done.returncode == 0, done.stderr
+    progress = [line for line in done.stdout.splitlines() if line.startswith("round ")]
+    assert len(progress) == 20 and "accuracy" in progress[-1]
+
+    summary = json.loads((out / "summary.json").read_text())
+    assert set(summary) >= {
+        "run_id",
+        "name",
+        "rounds_completed",
+        "final_model",
+        "ledger_head",
+        "metrics",
+        "history",
+        "privacy",
+        "secure_aggregation",
+    }
+    assert summary["name"] == "digits-fedavg" and summary["rounds_completed"] == 20
+    assert summary["metrics"]["accuracy"] >= 0.93
+    assert [h["round"] for h in summary["history"]] == list(range(1, 21))
+    assert summary["privacy"] is None and summary["secure_aggregation"] is False
+    digest = summary["final_model"].removeprefix("sha256:")
+    assert (out / "models" / "sha256" / digest[:2] / f"{digest}.safetensors").is_file()
+    assert (out / "runs" / summary["run_id"] / "summary.json").is_file()
+
+    export = fedcoord("ledger", "export", str(out))
+    entries = [json.loads(line) for line in export.stdout.splitlines()]
+    assert all(
+        set(e) == {"seq", "kind", "payload", "prev_hash", "hash", "signature"} for e in entries
+    )
+    committed = [e for e in entries if e["kind"] == "round_committed"]
+    assert [e["payload"]["round"] for e in committed] == list(range(1, 21))
+    assert committed[-1]["payload"]["output_model"] == summary["final_model"]
+    assert entries[-1]["hash"] == summary["ledger_head"]
+    verify = fedcoord("ledger", "verify", str(out))
+    assert verify.returncode == 0 and "ledger OK" in verify.stdout
+
+
+def test_simulation_with_dropouts_commits_with_the_survivors(tmp_path):
+    out = tmp_path / "run"
+    done = fedcoord(
+        "simulate",
+        "examples/digits.yaml",
+        "--out",
+        str(out),
+        "--set",
+        "rounds=4",
+        "--set",
+        "federation.dropout=0.3",
+        "--set",
+        "federation.sampling.min_sites=3",
+    )
+    assert done.returncode == 0, done.stderr
+    entries = [
+        json.loads(line) for line in fedcoord("ledger", "export", str(out)).stdout.splitlines()
+    ]
+    committed = [e["payload"] for e in entries if e["kind"] == "round_committed"]
+    assert len(committed) == 4
+    dropped = [d for c in committed for d in c["dropped"]]
+    assert dropped and all("simulated dropout" in d["reason"] for d in dropped)
+    assert all(len(c["participants"]) + len(c["dropped"]) == 10 for c in committed)
