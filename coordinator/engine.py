@@ -51,6 +51,23 @@ class RunEvent:
     time: float
 
 
+@dataclass
+class ActiveRun:
+    """What the engine holds while a run executes: its setup and the current model."""
+
+    run_id: str
+    exp: Experiment
+    task: Task
+    strategy: Strategy
+    rng: np.random.Generator
+    stop: threading.Event
+    model: dict[str, np.ndarray]
+    payload: EncodedPayload
+
+    def halted(self, shutdown: threading.Event) -> bool:
+        return self.stop.is_set() or shutdown.is_set()
+
+
 def sample_sites(
     rng: np.random.Generator, population: list[str], fraction: float, method: str, min_sites: int
 ) -> list[str]:
@@ -214,73 +231,59 @@ class RoundEngine:
         resumed = self.db.last_round(run_id)
         if resumed is not None:
             start, digest, rng_state = resumed
-            model = self.db.models.get(digest)
             rng.bit_generator.state = rng_state
-            self.emit(run_id, "run_resumed", f"resuming {run_id} after round {start}")
         else:
-            start = 0
+            start, digest = 0, row.model_digest if row.status == "running" else None
+        if digest is None:
             model = task.initial_arrays()
             payload = encode(model)
-            self.db.models.put(model, payload.digest)
-            with self.db.transaction() as c:
-                self.db.set_run_status(c, run_id, "running", model_digest=payload.digest)
-                ledger.append(
-                    c,
-                    self.db.signing_key,
-                    "run_started",
-                    {
-                        "run_id": run_id,
-                        "name": exp.name,
-                        "config_digest": exp.config_digest(),
-                        "experiment": json.loads(exp.canonical_json()),
-                        "initial_model": payload.digest,
-                    },
-                )
-            self.emit(
-                run_id,
-                "run_started",
-                f"run {run_id} started: {exp.rounds} rounds of "
-                f"{exp.strategy.name} on task {exp.task.name}",
-                {"initial_model": payload.digest},
-            )
-        current = encode(model)
+            self._start(run_id, exp, model, payload)
+        else:
+            model = self.db.models.get(digest)
+            payload = encode(model)
+            self.emit(run_id, "run_resumed", f"resuming {run_id} after round {start}")
+        run = ActiveRun(run_id, exp, task, strategy, rng, stop, model, payload)
         for round_no in range(start + 1, exp.rounds + 1):
-            if stop.is_set() or self._shutdown.is_set():
+            if run.halted(self._shutdown):
                 break
-            current, model = self._round_with_retries(
-                run_id, exp, task, strategy, rng, round_no, model, current, stop
-            )
+            self._round_with_retries(run, round_no)
         if self._shutdown.is_set() and not stop.is_set():
             return  # coordinator shutting down: the run stays "running" and resumes on restart
         self._finish(run_id, "stopped" if stop.is_set() else "finished", None)
 
-    def _round_with_retries(
-        self,
-        run_id: str,
-        exp: Experiment,
-        task: Task,
-        strategy: Strategy,
-        rng: np.random.Generator,
-        round_no: int,
-        model: dict[str, np.ndarray],
-        current: EncodedPayload,
-        stop: threading.Event,
-    ) -> tuple[EncodedPayload, dict[str, np.ndarray]]:
+    def _start(
+        self, run_id: str, exp: Experiment, model: dict[str, np.ndarray], payload: EncodedPayload
+    ) -> None:
+        """Store the initial model and record ``run_started``."""
+        self.db.models.put(model, payload.digest)
+        with self.db.transaction() as c:
+            self.db.set_run_status(c, run_id, "running", model_digest=payload.digest)
+            ledger.append(c, self.db.signing_key, "run_started", {
+                "run_id": run_id, "name": exp.name, "config_digest": exp.config_digest(),
+                "experiment": json.loads(exp.canonical_json()), "initial_model": payload.digest,
+            })  # fmt: skip
+        self.emit(
+            run_id,
+            "run_started",
+            f"run {run_id} started: {exp.rounds} rounds of {exp.strategy.name} "
+            f"on task {exp.task.name}",
+            {"initial_model": payload.digest},
+        )
+
+    def _round_with_retries(self, run: ActiveRun, round_no: int) -> None:
+        min_sites = run.exp.federation.sampling.min_sites
         for attempt in range(1, MAX_ROUND_ATTEMPTS + 1):
-            result = self._round(run_id, exp, task, strategy, rng, round_no, model, current, stop)
-            if result is not None:
-                return result
-            if stop.is_set() or self._shutdown.is_set():
-                return current, model
+            if self._round(run, round_no) or run.halted(self._shutdown):
+                return
             self.emit(
-                run_id,
+                run.run_id,
                 "round_failed",
                 f"round {round_no} attempt {attempt}/{MAX_ROUND_ATTEMPTS} did not reach "
-                f"quorum ({exp.federation.sampling.min_sites} sites)",
+                f"quorum ({min_sites} sites)",
             )
         raise QuorumNotReached(
-            f"round {round_no} did not reach quorum of {exp.federation.sampling.min_sites} "
-            f"accepted updates in {MAX_ROUND_ATTEMPTS} attempts"
+            f"round {round_no} did not reach quorum of {min_sites} accepted updates in "
+            f"{MAX_ROUND_ATTEMPTS} attempts"
         )
 
     def _await_population(self, exp: Experiment, stop: threading.Event) -> list[str]:
@@ -307,56 +310,52 @@ class RoundEngine:
             time.sleep(0.1)
         return []
 
-    def _round(
-        self,
-        run_id: str,
-        exp: Experiment,
-        task: Task,
-        strategy: Strategy,
-        rng: np.random.Generator,
-        round_no: int,
-        model: dict[str, np.ndarray],
-        current: EncodedPayload,
-        stop: threading.Event,
-    ) -> tuple[EncodedPayload, dict[str, np.ndarray]] | None:
+    def _round(self, run: ActiveRun, round_no: int) -> bool:
+        """Sample, collect and, at quorum, commit one round; False if it must be redone."""
         t0 = time.time()
-        sampling = exp.federation.sampling
-        population = self._await_population(exp, stop)
+        sampling = run.exp.federation.sampling
+        population = self._await_population(run.exp, run.stop)
         if not population:
-            return None
+            return False
         selected = sample_sites(
-            rng, population, sampling.fraction, sampling.method, sampling.min_sites
+            run.rng, population, sampling.fraction, sampling.method, sampling.min_sites
         )
-        rng_state = rng.bit_generator.state
-        config = {**exp.round_config(), "round": round_no}
+        rng_state = run.rng.bit_generator.state
+        config = canonical_json({**run.exp.round_config(), "round": round_no})
         deadline = time.time() + sampling.timeout_s
-        collector = RoundCollector(set(selected), model, strategy.aggregator(model), UpdateLimits())
+        collector = RoundCollector(
+            set(selected), run.model, run.strategy.aggregator(run.model), UpdateLimits()
+        )
         assignments = [
-            Assignment(
-                uuid.uuid4().hex,
-                site,
-                run_id,
-                round_no,
-                fleet_pb2.TASK_KIND_FIT,
-                canonical_json(config),
-                current,
-                deadline,
-                collector,
-            )
+            Assignment(uuid.uuid4().hex, site, run.run_id, round_no, fleet_pb2.TASK_KIND_FIT,
+                       config, run.payload, deadline, collector)
             for site in selected
-        ]
+        ]  # fmt: skip
         self.dispatcher.post(assignments)
         try:
-            self._wait_round(collector, deadline, stop)
+            self._wait_round(collector, deadline, run.stop)
         finally:
             self.dispatcher.withdraw(assignments)
-        t_collect = time.time() - t0
+        if len(collector.accepted()) < sampling.min_sites or run.stop.is_set():
+            return False
+        self._commit(run, round_no, selected, collector, rng_state, t0, time.time() - t0)
+        return True
+
+    def _commit(
+        self,
+        run: ActiveRun,
+        round_no: int,
+        selected: list[str],
+        collector: RoundCollector,
+        rng_state: dict[str, Any],
+        t0: float,
+        t_collect: float,
+    ) -> None:
+        """Aggregate, evaluate, store the model, then commit round row + ledger entry."""
         accepted = collector.accepted()
-        if len(accepted) < sampling.min_sites or stop.is_set():
-            return None
-        new_model = strategy.apply(model, collector.aggregator)
+        new_model = run.strategy.apply(run.model, collector.aggregator)
         t_eval = time.time()
-        metrics = {**task.central_evaluate(new_model), **weighted_site_metrics(accepted)}
+        metrics = {**run.task.central_evaluate(new_model), **weighted_site_metrics(accepted)}
         t_eval = time.time() - t_eval
         payload = encode(new_model)
         self.db.models.put(new_model, payload.digest)
@@ -364,48 +363,27 @@ class RoundEngine:
         updates = {s: o.digest for s, o in accepted.items()}
         seconds = time.time() - t0
         entry = self.db.commit_round(
-            run_id,
-            round_no,
-            payload.digest,
-            current.digest,
-            metrics,
-            outcome["participants"],
-            rng_state,
+            run.run_id, round_no, payload.digest, run.payload.digest, metrics,
+            outcome["participants"], rng_state,
             {
-                "run_id": run_id,
-                "round": round_no,
-                "input_model": current.digest,
-                "output_model": payload.digest,
-                "config_digest": exp.config_digest(),
-                "strategy": exp.strategy.name,
-                "sampled": selected,
-                **outcome,
-                "update_digests": updates,
-                "merkle_root": merkle_root(updates),
-                "metrics": metrics,
-                "dp": None,
-                "secure_aggregation": "off",
-                "timings": {
-                    "collect_s": round(t_collect, 4),
-                    "evaluate_s": round(t_eval, 4),
-                    "total_s": round(seconds, 4),
-                },
+                "run_id": run.run_id, "round": round_no, "input_model": run.payload.digest,
+                "output_model": payload.digest, "config_digest": run.exp.config_digest(),
+                "strategy": run.exp.strategy.name, "sampled": selected, **outcome,
+                "update_digests": updates, "merkle_root": merkle_root(updates),
+                "metrics": metrics, "dp": None, "secure_aggregation": "off",
+                "timings": {"collect_s": round(t_collect, 4), "evaluate_s": round(t_eval, 4),
+                            "total_s": round(seconds, 4)},
             },
-        )
+        )  # fmt: skip
+        run.model, run.payload = new_model, payload
         self.emit(
-            run_id,
+            run.run_id,
             "round_committed",
-            progress_line(exp, round_no, len(selected), len(accepted), metrics, seconds),
-            {
-                "round": round_no,
-                "metrics": metrics,
-                "model": payload.digest,
-                "ledger_seq": entry.seq,
-                "dropped": outcome["dropped"],
-                "rejected": outcome["rejected"],
-            },
-        )
-        return payload, new_model
+            progress_line(run.exp, round_no, len(selected), len(accepted), metrics, seconds),
+            {"round": round_no, "metrics": metrics, "model": payload.digest,
+             "ledger_seq": entry.seq, "dropped": outcome["dropped"],
+             "rejected": outcome["rejected"]},
+        )  # fmt: skip
 
     def _wait_round(
         self, collector: RoundCollector, deadline: float, stop: threading.Event
