@@ -5,7 +5,6 @@ PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
 PIP := $(PY) -m pip install --disable-pip-version-check -q
-OUT ?= runs/demo
 
 .PHONY: demo test lint protos venv dev clean
 
@@ -26,7 +25,7 @@ venv: $(VENV)/.base
 dev: $(VENV)/.dev
 
 demo: $(VENV)/.base
-	$(VENV)/bin/fedcoord simulate examples/digits.yaml --out $(OUT)
+	$(VENV)/bin/fedcoord simulate examples/digits.yaml
 
 test: $(VENV)/.dev
 	$(VENV)/bin/ruff check .

@@ -23,7 +23,7 @@ import numpy as np
 from coordinator import ledger
 from coordinator.canonical import canonical_json
 from coordinator.dispatch import Assignment, Dispatcher, RoundCollector
-from coordinator.errors import CoordinatorError, QuorumNotReached, UnknownRun
+from coordinator.errors import ConfigError, CoordinatorError, QuorumNotReached, UnknownRun
 from coordinator.experiment import Experiment, parse_experiment
 from coordinator.merkle import merkle_root
 from coordinator.state import Database, RunRow
@@ -141,9 +141,19 @@ class RoundEngine:
         self._listeners: list[Callable[[RunEvent], None]] = []
 
     # submission and control ---------------------------------------------------------
-    def submit(self, experiment_text: str, source: str = "<submitted>") -> RunRow:
-        """Validate an experiment (raises :class:`ConfigError`) and queue it as a run."""
+    def submit(
+        self, experiment_text: str, source: str = "<submitted>", *, simulated: bool = False
+    ) -> RunRow:
+        """Validate an experiment (raises :class:`ConfigError`) and queue it as a run.
+
+        Unless ``simulated``, settings that only a simulation can honour are refused.
+        """
         exp = parse_experiment(experiment_text, source)
+        if not simulated and exp.simulated_behaviour():
+            raise ConfigError(
+                exp.simulated_behaviour()[0],
+                "simulates behaviour of sites; only `fedcoord simulate` honours it",
+            )
         load_task(exp.task.name, exp.task.model, exp.task.options, exp.seed)
         run_id = (
             f"{exp.name}-{time.strftime('%Y%m%dT%H%M%SZ', time.gmtime())}-{uuid.uuid4().hex[:6]}"
@@ -164,10 +174,10 @@ class RoundEngine:
         self._stops.setdefault(run_id, threading.Event()).set()
 
     def shutdown(self) -> None:
+        """Stop after the current wait; the active run stays ``running`` and resumes on
+        the next start (its interrupted round is redone)."""
         self._shutdown.set()
         self._wake.set()
-        for ev in self._stops.values():
-            ev.set()
 
     def add_listener(self, fn: Callable[[RunEvent], None]) -> None:
         self._listeners.append(fn)
@@ -333,10 +343,10 @@ class RoundEngine:
         ]  # fmt: skip
         self.dispatcher.post(assignments)
         try:
-            self._wait_round(collector, deadline, run.stop)
+            self._wait_round(run, collector, deadline)
         finally:
             self.dispatcher.withdraw(assignments)
-        if len(collector.accepted()) < sampling.min_sites or run.stop.is_set():
+        if len(collector.accepted()) < sampling.min_sites or run.halted(self._shutdown):
             return False
         self._commit(run, round_no, selected, collector, rng_state, t0, time.time() - t0)
         return True
@@ -385,13 +395,10 @@ class RoundEngine:
              "rejected": outcome["rejected"]},
         )  # fmt: skip
 
-    def _wait_round(
-        self, collector: RoundCollector, deadline: float, stop: threading.Event
-    ) -> None:
+    def _wait_round(self, run: ActiveRun, collector: RoundCollector, deadline: float) -> None:
         """Wait for results; count sampled sites silent for too long as dropped."""
-        while time.time() < deadline and not stop.is_set() and not collector.closed:
-            step = min(deadline, time.time() + 1.0)
-            collector.wait_until(step, stop)
+        while time.time() < deadline and not run.halted(self._shutdown):
+            collector.wait_until(min(deadline, time.time() + 1.0), run.stop)
             cutoff = time.time() - LOST_AFTER_S
             for site in collector.expected - collector.outcomes.keys():
                 if self.dispatcher.last_seen(site) < cutoff:

@@ -1,45 +1,81 @@
 """The experiment file: schema, loading, ``--set`` overrides and canonical form.
 
-Every mapping forbids unknown keys; any problem becomes one :class:`ConfigError` whose
-key is the dotted path of the offending setting. Settings this version cannot honour
-(DP, secure aggregation, MLflow, drift checks, the Ray backend) are refused, never
-silently ignored.
+Every mapping forbids unknown keys and values are not coerced between types (``"3"`` is
+not a number). Any problem becomes one :class:`ConfigError` whose key is the dotted path
+of the offending setting. Settings this version cannot honour (DP, secure aggregation,
+MLflow export, drift checks, the Ray backend) are refused, never silently ignored.
 """
 
 from __future__ import annotations
 
-import hashlib
+import json
+import re
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    ValidationInfo,
+    field_validator,
+    model_validator,
+)
 
-from coordinator.canonical import canonical_json
+from coordinator.canonical import canonical_json, sha256_hex
 from coordinator.errors import ConfigError
 
-NOT_AVAILABLE = "is not available in this version of fedcoord"
+NOT_AVAILABLE = "not available in this version of fedcoord"
+
+_NAME = re.compile(r"[A-Za-z0-9._-]{1,64}")
+_TASK_NAME = re.compile(r"[A-Za-z0-9_.-]+(:[A-Za-z_][A-Za-z0-9_.]*)?")
 
 
+class KeyedError(ValueError):
+    """A validator's complaint about ``key``, a dotted path below the model that raised it."""
+
+    def __init__(self, key: str, message: str):
+        super().__init__(message)
+        self.key = key
+
+
+# schema ----------------------------------------------------------------------------------
 class Spec(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    """Base of every section: unknown keys refused, immutable, strict types, finite floats."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True, strict=True, allow_inf_nan=False)
 
 
 class TaskSpec(Spec):
-    name: str = Field(min_length=1)
-    model: str | None = None
-    options: dict[str, Any] = Field(default_factory=dict)
+    """What is learned: a built-in task name or ``package.module:callable``."""
+
+    name: str
+    model: Annotated[str, Field(min_length=1)] | None = None
+    options: dict[str, Any] = Field(default_factory=dict)  # validated by the task itself
+
+    @field_validator("name")
+    @classmethod
+    def _task_name(cls, value: str) -> str:
+        if not _TASK_NAME.fullmatch(value):
+            raise ValueError(
+                f"must be a built-in task name or 'package.module:callable' (got {_show(value)})"
+            )
+        return value
 
 
 class Partition(Spec):
+    """How the training data is split across simulated sites."""
+
     kind: Literal["iid", "dirichlet", "shards"] = "iid"
     alpha: Annotated[float, Field(gt=0)] = 0.5
     labels_per_site: Annotated[int, Field(ge=1)] = 2
 
     def spec(self) -> dict[str, Any]:
         """The partitioner's spec: the kind and only that kind's parameters."""
-        params = {
+        params: dict[str, Any] = {
             "iid": {},
             "dirichlet": {"alpha": self.alpha},
             "shards": {"labels_per_site": self.labels_per_site},
@@ -48,6 +84,8 @@ class Partition(Spec):
 
 
 class Sampling(Spec):
+    """Which sites take part in a round, and how long the round waits for them."""
+
     fraction: Annotated[float, Field(gt=0, le=1)] = 1.0
     method: Literal["poisson", "fixed"] = "fixed"
     min_sites: Annotated[int, Field(ge=1)] = 2
@@ -56,11 +94,15 @@ class Sampling(Spec):
 
 
 class Byzantine(Spec):
+    """Simulated attackers."""
+
     sites: Annotated[int, Field(ge=0)] = 0
     attack: Literal["sign_flip", "gaussian", "scale", "nan", "label_flip"] = "sign_flip"
 
 
 class Federation(Spec):
+    """The (simulated) population of sites."""
+
     sites: Annotated[int, Field(ge=1, le=100_000)] = 10
     partition: Partition = Partition()
     sampling: Sampling = Sampling()
@@ -68,20 +110,22 @@ class Federation(Spec):
     byzantine: Byzantine = Byzantine()
 
     @model_validator(mode="after")
-    def _fits(self) -> Federation:
-        """Cross-field checks (raised directly: pydantic would lose the key)."""
-        if self.sampling.min_sites > self.sites:
-            raise ConfigError(
-                "federation.sampling.min_sites", f"must be <= federation.sites ({self.sites})"
-            )
-        if self.byzantine.sites > self.sites:
-            raise ConfigError(
-                "federation.byzantine.sites", f"must be <= federation.sites ({self.sites})"
-            )
+    def _counts_fit(self) -> Federation:
+        counts = {
+            "sampling.min_sites": self.sampling.min_sites,
+            "byzantine.sites": self.byzantine.sites,
+        }
+        for key, count in counts.items():
+            if count > self.sites:
+                raise KeyedError(
+                    key, f"must not exceed federation.sites = {self.sites} (got {count})"
+                )
         return self
 
 
 class Optimizer(Spec):
+    """The local optimizer each site builds for a round."""
+
     name: Literal["sgd", "adam"] = "sgd"
     lr: Annotated[float, Field(gt=0)] = 0.05
     momentum: Annotated[float, Field(ge=0, lt=1)] = 0.0
@@ -89,84 +133,118 @@ class Optimizer(Spec):
 
 
 class Training(Spec):
+    """Local training at each site."""
+
     local_epochs: Annotated[int, Field(ge=1, le=1000)] = 1
     batch_size: Annotated[int, Field(ge=1, le=1_000_000)] = 32
     optimizer: Optimizer = Optimizer()
 
 
 class StrategySpec(Spec):
+    """The aggregation strategy."""
+
     name: Literal["fedavg"] = "fedavg"
 
 
 class SecureAggregation(Spec):
+    """Secure aggregation switch (refused when on: not implemented yet)."""
+
     enabled: bool = False
 
     @field_validator("enabled")
     @classmethod
-    def _off(cls, v: bool) -> bool:
-        if v:
-            raise ValueError(f"secure aggregation {NOT_AVAILABLE}")
-        return v
+    def _off(cls, value: bool) -> bool:
+        if value:
+            raise ValueError(f"secure aggregation is {NOT_AVAILABLE}")
+        return value
+
+
+_REFUSED = {
+    "dp": "differential privacy",
+    "local_dp": "local differential privacy (DP-SGD at the sites)",
+    "mlflow": "mlflow export",
+}
+
+
+def _refuse_unless_none(value: Any, info: ValidationInfo) -> None:
+    """Accept only ``null`` for a setting this version cannot honour."""
+    if value is not None:
+        raise ValueError(f"{_REFUSED[info.field_name or '']} is {NOT_AVAILABLE}")
+    return None
 
 
 class Privacy(Spec):
-    dp: Any = None
-    local_dp: Any = None
+    """Privacy settings; only the all-off configuration is accepted in this version."""
+
+    dp: None = None
+    local_dp: None = None
     secure_aggregation: SecureAggregation = SecureAggregation()
 
-    @field_validator("dp", "local_dp")
-    @classmethod
-    def _none(cls, v: Any) -> None:
-        if v is not None:
-            raise ValueError(f"differential privacy {NOT_AVAILABLE}")
-        return None
+    _no_dp = field_validator("dp", "local_dp", mode="before")(_refuse_unless_none)
 
 
 class Simulation(Spec):
-    backend: Literal["local", "ray"] = "local"
+    """How ``fedcoord simulate`` runs the sites."""
+
+    backend: Literal["local"] = "local"
     workers: Annotated[int, Field(ge=1, le=256)] = 2
 
-    @field_validator("backend")
+    @field_validator("backend", mode="before")
     @classmethod
-    def _local(cls, v: str) -> str:
-        if v != "local":
-            raise ValueError(f"the {v!r} backend {NOT_AVAILABLE}")
-        return v
+    def _no_ray(cls, value: Any) -> Any:
+        if value == "ray":
+            raise ValueError(f"the ray backend is {NOT_AVAILABLE}; use 'local'")
+        return value
 
 
 class Experiment(Spec):
-    name: str = Field(pattern=r"^[A-Za-z0-9._-]{1,64}$")
-    seed: Annotated[int, Field(ge=0)] = 0
+    """One experiment file, every default filled in."""
+
+    name: str
+    seed: Annotated[int, Field(ge=0, le=2**63 - 1)] = 0
     rounds: Annotated[int, Field(ge=1, le=100_000)]
     task: TaskSpec
     federation: Federation = Federation()
     training: Training = Training()
     strategy: StrategySpec = StrategySpec()
     privacy: Privacy = Privacy()
-    mlflow: Any = None
+    mlflow: None = None
     drift: dict[str, Any] = Field(default_factory=dict)
     simulation: Simulation = Simulation()
 
-    @field_validator("mlflow")
+    _no_mlflow = field_validator("mlflow", mode="before")(_refuse_unless_none)
+
+    @field_validator("name")
     @classmethod
-    def _no_mlflow(cls, v: Any) -> None:
-        if v is not None:
-            raise ValueError(f"mlflow export {NOT_AVAILABLE}")
-        return None
+    def _name(cls, value: str) -> str:
+        if not _NAME.fullmatch(value):
+            raise ValueError(f"must be 1 to 64 of A-Z a-z 0-9 . _ - (got {_show(value)})")
+        return value
 
     @field_validator("drift")
     @classmethod
-    def _no_drift(cls, v: dict[str, Any]) -> dict[str, Any]:
-        if v:
-            raise ValueError(f"drift checks {NOT_AVAILABLE}")
-        return v
+    def _no_drift(cls, value: dict[str, Any]) -> dict[str, Any]:
+        if value:
+            raise ValueError(f"drift checks are {NOT_AVAILABLE}; leave drift empty")
+        return value
+
+    def simulated_behaviour(self) -> list[str]:
+        """Keys set to behaviour only ``fedcoord simulate`` can produce (a coordinator
+        serving real sites must refuse them rather than ignore them)."""
+        keys = []
+        if self.federation.dropout > 0:
+            keys.append("federation.dropout")
+        if self.federation.byzantine.sites > 0:
+            keys.append("federation.byzantine.sites")
+        return keys
 
     def canonical_json(self) -> str:
-        """Every setting, defaults filled in, in one canonical byte form."""
+        """Every setting, defaults filled in, sorted keys, compact: the form that is hashed."""
         return canonical_json(self.model_dump(mode="json"))
 
     def config_digest(self) -> str:
-        return "sha256:" + hashlib.sha256(self.canonical_json().encode()).hexdigest()
+        """``sha256:<hex>`` of :meth:`canonical_json`."""
+        return "sha256:" + sha256_hex(self.canonical_json())
 
     def round_config(self) -> dict[str, bool | int | float | str]:
         """The flat configuration sites receive with every fit task."""
@@ -182,81 +260,163 @@ class Experiment(Spec):
         }
 
 
-# loading ---------------------------------------------------------------------------------
+# validation errors -> one ConfigError -----------------------------------------------------
+_EXPECTED_TYPE = {
+    "int_type": "an integer",
+    "int_from_float": "an integer",
+    "float_type": "a number",
+    "finite_number": "a finite number",
+    "string_type": "a string",
+    "bool_type": "true or false",
+    "model_type": "a mapping",
+    "dict_type": "a mapping",
+}
+_BOUNDS = {
+    "greater_than": ("gt", ">"),
+    "greater_than_equal": ("ge", ">="),
+    "less_than": ("lt", "<"),
+    "less_than_equal": ("le", "<="),
+}
+
+
+def _show(value: Any, limit: int = 60) -> str:
+    """A value as the user wrote it (JSON/YAML spelling), shortened."""
+    try:
+        text = json.dumps(value, ensure_ascii=False)
+    except (TypeError, ValueError):
+        text = repr(value)
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
 def _message(err: dict[str, Any]) -> str:
-    kind, ctx, got = err["type"], err.get("ctx", {}), err.get("input")
+    """A short human message for one pydantic error."""
+    kind, ctx, got = err["type"], err.get("ctx") or {}, _show(err.get("input"))
     if kind == "extra_forbidden":
         return "unknown key"
     if kind == "missing":
         return "required key is missing"
     if kind == "literal_error":
-        return f"must be one of: {ctx.get('expected', '').replace(chr(39), '')} (got {got!r})"
-    bounds = {
-        "greater_than": "> {gt}",
-        "greater_than_equal": ">= {ge}",
-        "less_than": "< {lt}",
-        "less_than_equal": "<= {le}",
-    }
-    if kind in bounds:
-        return f"must be {bounds[kind].format(**ctx)} (got {got!r})"
-    if kind == "string_pattern_mismatch":
-        return f"must match {ctx.get('pattern')} (got {got!r})"
+        choices = ", ".join(re.findall(r"'([^']*)'", str(ctx.get("expected", ""))))
+        return f"must be one of: {choices} (got {got})"
+    if kind in _BOUNDS:
+        name, op = _BOUNDS[kind]
+        bound = ctx[name]
+        if isinstance(bound, float) and bound.is_integer():
+            bound = int(bound)
+        return f"must be {op} {bound} (got {got})"
+    if kind in _EXPECTED_TYPE:
+        return f"must be {_EXPECTED_TYPE[kind]} (got {got})"
+    if kind == "string_too_short":
+        return "must not be empty"
     if kind == "value_error":
         return str(ctx.get("error", err["msg"]))
-    return f"{err['msg'].lower()} (got {got!r})"
+    return f"{err['msg'][:1].lower()}{err['msg'][1:]} (got {got})"
 
 
-def _to_config_error(exc: ValidationError) -> ConfigError:
+def config_error(exc: ValidationError) -> ConfigError:
+    """The first error of ``exc`` as a ConfigError keyed by its dotted location."""
     err = exc.errors()[0]
-    return ConfigError(".".join(str(p) for p in err["loc"]), _message(err))
+    parts = [str(p) for p in err["loc"]]
+    cause = (err.get("ctx") or {}).get("error")
+    if isinstance(cause, KeyedError):
+        parts.append(cause.key)
+    return ConfigError(".".join(parts), _message(err))
 
 
-def apply_override(data: dict[str, Any], override: str) -> None:
-    """Apply one ``key.path=value`` (value parsed as a YAML scalar) to ``data``."""
-    key, sep, text = override.partition("=")
-    parts = key.strip().split(".")
-    if not sep or not all(parts):
-        raise ConfigError("--set", f"expected KEY.PATH=VALUE, got {override!r}")
+# YAML and overrides ----------------------------------------------------------------------
+class _Loader(yaml.SafeLoader):
+    """Safe YAML that refuses duplicate keys and reads ``1e-3`` as a number (YAML 1.2)."""
+
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict[Any, Any]:
+        seen: set[Any] = set()
+        for key_node, _ in node.value:
+            if key_node.tag == "tag:yaml.org,2002:merge":
+                continue
+            key = self.construct_object(key_node, deep=True)
+            try:
+                duplicate = key in seen
+                seen.add(key)
+            except TypeError:  # an unhashable key: the base class reports it
+                continue
+            if duplicate:
+                raise yaml.constructor.ConstructorError(
+                    None, None, f"duplicate key {key!r}", key_node.start_mark
+                )
+        return super().construct_mapping(node, deep=deep)
+
+
+_Loader.add_implicit_resolver(
+    "tag:yaml.org,2002:float",
+    re.compile(r"^[-+]?[0-9][0-9_]*(?:\.[0-9_]*)?[eE][-+]?[0-9]+$"),
+    list("-+0123456789"),
+)
+
+
+def _read_yaml(text: str, source: str) -> Any:
+    """Parse YAML text; syntax errors become a ConfigError with line and column."""
     try:
-        value = yaml.safe_load(text) if text.strip() else ""
-    except yaml.YAMLError:
-        value = text
-    node = data
-    for i, part in enumerate(parts[:-1]):
-        child = node.setdefault(part, {})
-        if not isinstance(child, dict):
-            raise ConfigError(".".join(parts[: i + 1]), "is not a mapping; cannot --set inside it")
-        node = child
-    node[parts[-1]] = value
-
-
-def parse_experiment(
-    text: str, source: str = "<experiment>", overrides: Sequence[str] = ()
-) -> Experiment:
-    """Validate an experiment given as YAML (or JSON) text."""
-    try:
-        data = yaml.safe_load(text)
+        return yaml.load(text, Loader=_Loader)
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
         problem = getattr(exc, "problem", None) or "invalid YAML"
         raise ConfigError("", f"{source}: YAML syntax error{where}: {problem}") from None
+    except RecursionError:
+        raise ConfigError("", f"{source}: YAML is nested too deeply") from None
+
+
+def _override_value(text: str) -> Any:
+    """The value of ``--set key=VALUE``: a YAML scalar, or the raw text if it is not YAML."""
+    if not text.strip():
+        return ""
+    try:
+        return yaml.load(text, Loader=_Loader)
+    except (yaml.YAMLError, RecursionError):
+        return text
+
+
+def apply_override(data: dict[str, Any], override: str) -> None:
+    """Apply one ``key.path=value`` to ``data``, creating intermediate mappings."""
+    key, sep, text = override.partition("=")
+    parts = [part.strip() for part in key.split(".")]
+    if not sep or not all(parts):
+        raise ConfigError("--set", f"expected KEY.PATH=VALUE, got {override!r}")
+    node = data
+    for i, part in enumerate(parts[:-1]):
+        if node.get(part) is None:
+            node[part] = {}
+        if not isinstance(node[part], dict):
+            where = ".".join(parts[: i + 1])
+            raise ConfigError(where, f"is not a mapping, so --set {override!r} cannot apply")
+        node = node[part]
+    node[parts[-1]] = _override_value(text)
+
+
+def parse_experiment(
+    text: str, source: str = "<experiment>", overrides: Sequence[str] = ()
+) -> Experiment:
+    """Validate an experiment given as YAML (or JSON) text, after applying ``overrides``."""
+    data = _read_yaml(text, source)
     if data is None:
         data = {}
     if not isinstance(data, dict):
-        raise ConfigError("", f"{source}: an experiment must be a mapping of settings")
+        kind = type(data).__name__
+        raise ConfigError("", f"{source}: an experiment must be a mapping of settings (got {kind})")
     for override in overrides:
         apply_override(data, override)
     try:
         return Experiment.model_validate(data)
     except ValidationError as exc:
-        raise _to_config_error(exc) from None
+        raise config_error(exc) from None
 
 
 def load_experiment(path: str | Path, overrides: Sequence[str] = ()) -> Experiment:
+    """Read and validate an experiment file; an unreadable file is a ConfigError."""
     p = Path(path)
     try:
-        text = p.read_text()
+        text = p.read_text(encoding="utf-8")
     except OSError as exc:
-        raise ConfigError("", f"cannot read experiment file {p}: {exc.strerror}") from None
+        raise ConfigError("", f"cannot read experiment file {p}: {exc.strerror or exc}") from None
+    except UnicodeDecodeError:
+        raise ConfigError("", f"cannot read experiment file {p}: not UTF-8 text") from None
     return parse_experiment(text, str(p), overrides)

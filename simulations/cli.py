@@ -75,6 +75,9 @@ def cmd_site(args: argparse.Namespace) -> int:
         if not args.partition:
             raise ConfigError("--partition", "--task needs --partition I/N")
         i, n = parse_partition(args.partition)
+        import torch  # only here: other commands should not pay for importing torch
+
+        torch.set_num_threads(args.threads)
         task = load_task(args.task, args.model, {}, args.seed)
         client = task.make_client(i - 1, n, {"kind": "iid"}, args.seed)
     else:
@@ -117,6 +120,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--partition", help="with --task: this site's share I/N of the data (iid)")
     p.add_argument("--model", help="with --task: model name (default: the task's)")
     p.add_argument("--seed", type=int, default=0, help="with --task: partitioning seed")
+    p.add_argument(
+        "--threads",
+        type=int,
+        default=1,
+        help="with --task: torch threads for local training (default 1, so "
+        "several demo sites can share one machine)",
+    )
     p.add_argument("--token", help="enrollment token")
     p.add_argument(
         "--max-unavailable",

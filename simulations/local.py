@@ -77,7 +77,7 @@ def simulate(exp: Experiment, out_dir: Path, stream: TextIO = sys.stdout) -> dic
     ]
     try:
         coordinator.start(run_engine=False)
-        row = coordinator.engine.submit(exp.canonical_json(), "simulation")
+        row = coordinator.engine.submit(exp.canonical_json(), "simulation", simulated=True)
         print(
             f"simulating {exp.federation.sites} sites in {len(workers)} worker process(es); "
             f"run {row.run_id}, output in {out_dir}",

@@ -2,8 +2,9 @@
 
 A round opens an aggregator over the current global model, folds accepted updates
 into it one by one (streaming), and the strategy turns the aggregate into the next
-model with its server-side rule. Strategy state (e.g. server momentum) is persisted
-with every committed round via :meth:`Strategy.state` / :meth:`Strategy.load_state`.
+model with its server-side rule. :meth:`Strategy.state` / :meth:`Strategy.load_state`
+expose server state (e.g. momentum) for persistence; FedAvg keeps none, and the round
+engine does not persist strategy state yet (it comes with the first stateful strategy).
 """
 
 from __future__ import annotations

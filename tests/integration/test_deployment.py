@@ -171,7 +171,8 @@ def test_site_killed_mid_round_does_not_stall_the_round(tmp_path, processes):
     assert first["timings"]["total_s"] < timeout_s + 5  # committed at the deadline, not later
 
 
-def test_run_survives_a_coordinator_kill_and_restart(tmp_path, processes):
+@pytest.mark.parametrize("stop_signal", [signal.SIGKILL, signal.SIGTERM], ids=["kill", "term"])
+def test_run_survives_a_coordinator_kill_and_restart(tmp_path, processes, stop_signal):
     port = free_port()
     data = tmp_path / "coord"
     coordinator = serve(processes, data, port)
@@ -203,8 +204,8 @@ def test_run_survives_a_coordinator_kill_and_restart(tmp_path, processes):
         return control(port).GetRun(control_pb2.GetRunRequest(run_id=info.run_id), timeout=5)
 
     wait_for(lambda: completed().rounds_completed >= 2, 90, "two committed rounds")
-    coordinator.send_signal(signal.SIGKILL)
-    coordinator.wait(timeout=10)
+    coordinator.send_signal(stop_signal)
+    coordinator.wait(timeout=30)
     time.sleep(1.0)
     serve(processes, data, port, name="serve-again")
     final = wait_for(

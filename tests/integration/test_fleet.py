@@ -15,7 +15,7 @@ from client_sdk import run_site
 from coordinator.server import Coordinator
 from coordinator.tasks import load_task
 from protos.codec import encode
-from protos.fedcoord.v1 import common_pb2, fleet_pb2, fleet_pb2_grpc
+from protos.fedcoord.v1 import common_pb2, control_pb2, control_pb2_grpc, fleet_pb2, fleet_pb2_grpc
 from tests.integration.clients import HostileSite
 
 pytestmark = pytest.mark.integration
@@ -171,3 +171,17 @@ def test_corrupted_upload_is_refused_and_the_round_goes_on(coordinator):
         for _, kind, _, data, _ in events
         if kind == "round_committed"
     )
+
+
+def test_simulation_only_settings_are_refused_by_a_coordinator(coordinator):
+    stub = control_pb2_grpc.ControlStub(grpc.insecure_channel(coordinator.address))
+    for setting, key in (
+        ("dropout: 0.2", "federation.dropout"),
+        ("byzantine: {sites: 1}", "federation.byzantine.sites"),
+    ):
+        text = EXPERIMENT.replace("  sites: 5\n", f"  sites: 5\n  {setting}\n")
+        with pytest.raises(grpc.RpcError) as info:
+            stub.SubmitRun(control_pb2.SubmitRunRequest(experiment_yaml=text), timeout=10)
+        assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+        assert info.value.details().startswith(key)
+    assert coordinator.db.runs() == []
