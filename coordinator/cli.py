@@ -8,6 +8,7 @@ import logging
 import signal
 import sys
 import threading
+import time
 from pathlib import Path
 
 import grpc
@@ -101,15 +102,36 @@ def cmd_run(args: argparse.Namespace) -> int:
     print(f"submitted run {info.run_id}", flush=True)
     if not args.wait:
         return 0
-    status = ""
-    for event in stub.StreamEvents(control_pb2.StreamEventsRequest(run_id=info.run_id)):
-        print(event.message, flush=True)
-        if event.kind == "run_finished":
-            status = json.loads(event.data_json).get("status", "")
+    follow_run(stub, info.run_id)
     final = stub.GetRun(control_pb2.GetRunRequest(run_id=info.run_id), timeout=30)
     if final.summary_json:
         print(final.summary_json)
-    return 0 if (status or final.status) == "finished" else 1
+    return 0 if final.status == "finished" else 1
+
+
+def follow_run(stub: control_pb2_grpc.ControlStub, run_id: str, patience_s: float = 300) -> None:
+    """Print the run's events until it finishes; ride out coordinator restarts by
+    reconnecting and resuming from the last event seen (for up to ``patience_s``)."""
+    next_seq = 0
+    down_since: float | None = None
+    while True:
+        try:
+            request = control_pb2.StreamEventsRequest(run_id=run_id, from_seq=next_seq)
+            for event in stub.StreamEvents(request):
+                down_since = None
+                print(event.message, flush=True)
+                next_seq = event.seq + 1
+                if event.kind == "run_finished":
+                    return
+            return
+        except grpc.RpcError as exc:
+            if exc.code() != grpc.StatusCode.UNAVAILABLE:
+                raise
+            down_since = down_since or time.time()
+            if time.time() - down_since > patience_s:
+                raise
+            print("coordinator unavailable; reconnecting...", file=sys.stderr, flush=True)
+            time.sleep(2.0)
 
 
 # sites ---------------------------------------------------------------------------------

@@ -169,8 +169,7 @@ class RoundEngine:
         if row is None:
             raise UnknownRun(f"no run {run_id!r}")
         if row.status == "queued":
-            with self.db.transaction() as c:
-                self.db.set_run_status(c, run_id, "stopped", error="stopped before it started")
+            self._conclude(row, "stopped", "stopped before it started")
         self._stops.setdefault(run_id, threading.Event()).set()
 
     def shutdown(self) -> None:
@@ -188,8 +187,12 @@ class RoundEngine:
     ) -> None:
         data = data or {}
         seq = self.db.add_event(run_id, kind, message, data)
-        event = RunEvent(run_id, seq, kind, message, data, time.time())
-        log.info("%s [%s] %s", run_id, kind, message)
+        self._announce(RunEvent(run_id, seq, kind, message, data, time.time()))
+
+    def _announce(self, event: RunEvent) -> None:
+        """Tell listeners and ``StreamEvents`` waiters about an event already stored
+        (call outside any database transaction: waiters hold the events lock first)."""
+        log.info("%s [%s] %s", event.run_id, event.kind, event.message)
         for fn in self._listeners:
             fn(event)
         with self._events:
@@ -409,33 +412,31 @@ class RoundEngine:
 
     def _finish(self, run_id: str, status: str, error: str | None) -> None:
         row = self.db.run(run_id)
-        if row is None:
-            return
+        if row is not None:
+            self._conclude(row, status, error)
+
+    def _conclude(self, row: RunRow, status: str, error: str | None) -> None:
+        """End a run: ledger entry, status, summary and the ``run_finished`` event commit
+        together, so a reader never sees a finished run without its final event."""
+        run_id = row.run_id
+        message = f"run {run_id} {status} after {row.rounds_completed} round(s)"
+        if error:
+            message += f": {error}"
+        data = {"status": status, "error": error}
         with self.db.transaction() as c:
-            entry = ledger.append(
-                c,
-                self.db.signing_key,
-                "run_finished",
-                {
-                    "run_id": run_id,
-                    "status": status,
-                    "error": error,
-                    "rounds_completed": row.rounds_completed,
-                    "final_model": row.model_digest,
-                },
-            )
-            summary = self.summary(run_id, status, entry.hash)
-            text = json.dumps(summary, indent=2)
+            entry = ledger.append(c, self.db.signing_key, "run_finished", {
+                "run_id": run_id, "status": status, "error": error,
+                "rounds_completed": row.rounds_completed, "final_model": row.model_digest,
+            })  # fmt: skip
+            text = json.dumps(self.summary(run_id, status, entry.hash), indent=2)
             self.db.set_run_status(c, run_id, status, error=error, summary=text)
+            seq = self.db.add_event(run_id, "run_finished", message, data, conn=c)
         run_dir = self.db.data_dir / "runs" / run_id
         run_dir.mkdir(parents=True, exist_ok=True)
         (run_dir / "summary.json").write_text(text + "\n")
         if self.write_summary_to_data_dir:
             (self.db.data_dir / "summary.json").write_text(text + "\n")
-        message = f"run {run_id} {status} after {row.rounds_completed} round(s)"
-        if error:
-            message += f": {error}"
-        self.emit(run_id, "run_finished", message, {"status": status, "error": error})
+        self._announce(RunEvent(run_id, seq, "run_finished", message, data, time.time()))
 
     def summary(self, run_id: str, status: str, ledger_head: str) -> dict[str, Any]:
         """The ``summary.json`` contract of DESIGN.md (plus ``status``)."""

@@ -243,14 +243,24 @@ class Database:
         ]
 
     # events ----------------------------------------------------------------------
-    def add_event(self, run_id: str, kind: str, message: str, data: dict[str, Any]) -> int:
-        with self.transaction() as c:
-            row = c.execute("SELECT MAX(seq) FROM events WHERE run_id=?", (run_id,)).fetchone()
-            seq = (row[0] or 0) + 1
-            c.execute(
-                "INSERT INTO events(run_id, seq, kind, message, data, time) VALUES (?,?,?,?,?,?)",
-                (run_id, seq, kind, message, json.dumps(data), time.time()),
-            )
+    def add_event(
+        self,
+        run_id: str,
+        kind: str,
+        message: str,
+        data: dict[str, Any],
+        conn: sqlite3.Connection | None = None,
+    ) -> int:
+        """Append a run event (inside ``conn``'s open transaction when given); its seq."""
+        if conn is None:
+            with self.transaction() as c:
+                return self.add_event(run_id, kind, message, data, c)
+        row = conn.execute("SELECT MAX(seq) FROM events WHERE run_id=?", (run_id,)).fetchone()
+        seq = (row[0] or 0) + 1
+        conn.execute(
+            "INSERT INTO events(run_id, seq, kind, message, data, time) VALUES (?,?,?,?,?,?)",
+            (run_id, seq, kind, message, json.dumps(data), time.time()),
+        )
         return seq
 
     def events(self, run_id: str, from_seq: int = 0) -> list[tuple[int, str, str, str, float]]:

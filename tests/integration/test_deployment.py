@@ -193,15 +193,24 @@ def test_run_survives_a_coordinator_kill_and_restart(tmp_path, processes, stop_s
         for i in (1, 2, 3)
     ]
     rounds = 5
-    info = control(port).SubmitRun(
-        control_pb2.SubmitRunRequest(
-            experiment_yaml=experiment(tmp_path, rounds=rounds, timeout_s=30).read_text()
-        ),
-        timeout=30,
+    follower = processes.start(
+        "run",
+        "run",
+        str(experiment(tmp_path, rounds=rounds, timeout_s=30)),
+        "--coordinator",
+        address,
+        "--wait",
+        "--insecure",
     )
+    submitted = wait_for(
+        lambda: [ln for ln in processes.log(follower).splitlines() if ln.startswith("submitted")],
+        60,
+        "the run to be submitted",
+    )
+    run_id = submitted[0].split()[-1]
 
-    def completed() -> int:
-        return control(port).GetRun(control_pb2.GetRunRequest(run_id=info.run_id), timeout=5)
+    def completed() -> control_pb2.RunInfo:
+        return control(port).GetRun(control_pb2.GetRunRequest(run_id=run_id), timeout=5)
 
     wait_for(lambda: completed().rounds_completed >= 2, 90, "two committed rounds")
     coordinator.send_signal(stop_signal)
@@ -215,6 +224,8 @@ def test_run_survives_a_coordinator_kill_and_restart(tmp_path, processes, stop_s
     numbers = [c["round"] for c in rounds_committed(data)]
     assert numbers == list(range(1, rounds + 1))  # contiguous, no duplicates
     assert all(s.poll() is None for s in sites)  # sites reconnected by themselves
+    assert follower.wait(timeout=60) == 0, processes.log(follower)  # `run --wait` rode it out
+    assert f"round {rounds}/{rounds}" in processes.log(follower)
     assert verify_ledger(data).returncode == 0
 
 

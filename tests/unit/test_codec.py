@@ -115,3 +115,21 @@ def test_oversized_chunk_is_refused():
     assembler = codec.PayloadAssembler(payload.header(), 1 << 30)
     with pytest.raises(PayloadError, match="exceeds"):
         assembler.add(bytes(codec.CHUNK_SIZE + 1))
+
+
+@pytest.mark.slow
+def test_payload_beyond_2_gib_roundtrips():
+    """gRPC caps one message at 2 GiB; chunked payloads have no such limit."""
+    n = (1 << 31) // 4 + 1024  # just over 2 GiB of float32
+    big = np.zeros(n, dtype=np.float32)
+    big[::4096] = np.arange(big[::4096].size, dtype=np.float32)
+    payload = codec.encode({"big": big, "small": np.ones(3, np.int64)})
+    assert payload.total_bytes > 1 << 31
+    assembler = codec.PayloadAssembler(payload.header(), max_bytes=1 << 32)
+    count = 0
+    for chunk in payload.chunks():
+        assembler.add(chunk)
+        count += 1
+    out = assembler.finish()
+    assert count == -(-payload.total_bytes // codec.CHUNK_SIZE)
+    assert np.array_equal(out["big"][::4096], big[::4096]) and out["small"].tolist() == [1, 1, 1]

@@ -203,8 +203,16 @@ def test_out_of_range_values_are_refused(text, key, message):
             "federation.partition.kind",
             "iid, dirichlet, shards",
         ),
-        (BASE + "federation: {sampling: {method: all}}\n", "federation.sampling.method", "fixed"),
-        (BASE + "federation: {byzantine: {attack: x}}\n", "federation.byzantine.attack", "nan"),
+        (
+            BASE + "federation: {sampling: {method: all}}\n",
+            "federation.sampling.method",
+            "poisson, fixed",
+        ),
+        (
+            BASE + "federation: {byzantine: {attack: x}}\n",
+            "federation.byzantine.attack",
+            "sign_flip, gaussian, scale, nan, label_flip",
+        ),
         (BASE + "training: {optimizer: {name: lbfgs}}\n", "training.optimizer.name", "sgd, adam"),
         (BASE + "strategy: {name: krum}\n", "strategy.name", "fedavg"),
         (BASE + "simulation: {backend: dask}\n", "simulation.backend", "local"),
