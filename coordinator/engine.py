@@ -31,6 +31,7 @@ from coordinator.tasks import Task, load_task
 from protos.codec import EncodedPayload, encode
 from protos.fedcoord.v1 import fleet_pb2
 from strategies.base import Strategy
+from strategies.errors import InsufficientUpdates
 from strategies.registry import make_strategy
 from strategies.validation import UpdateLimits
 
@@ -239,12 +240,14 @@ class RoundEngine:
             raise UnknownRun(f"no run {run_id!r}")
         exp = parse_experiment(row.experiment, run_id)
         task = load_task(exp.task.name, exp.task.model, exp.task.options, exp.seed)
-        strategy = make_strategy(exp.strategy.name)
+        strategy = make_strategy(exp.strategy.name, exp.strategy.params())
         rng = np.random.default_rng(exp.seed)
         resumed = self.db.last_round(run_id)
         if resumed is not None:
-            start, digest, rng_state = resumed
+            start, digest, rng_state, state_digest = resumed
             rng.bit_generator.state = rng_state
+            if state_digest:
+                strategy.load_state(self.db.models.get(state_digest))
         else:
             start, digest = 0, row.model_digest if row.status == "running" else None
         if digest is None:
@@ -284,19 +287,18 @@ class RoundEngine:
         )
 
     def _round_with_retries(self, run: ActiveRun, round_no: int) -> None:
-        min_sites = run.exp.federation.sampling.min_sites
+        reason = ""
         for attempt in range(1, MAX_ROUND_ATTEMPTS + 1):
-            if self._round(run, round_no) or run.halted(self._shutdown):
+            reason = self._round(run, round_no)
+            if not reason or run.halted(self._shutdown):
                 return
             self.emit(
                 run.run_id,
                 "round_failed",
-                f"round {round_no} attempt {attempt}/{MAX_ROUND_ATTEMPTS} did not reach "
-                f"quorum ({min_sites} sites)",
+                f"round {round_no} attempt {attempt}/{MAX_ROUND_ATTEMPTS} failed: {reason}",
             )
         raise QuorumNotReached(
-            f"round {round_no} did not reach quorum of {min_sites} accepted updates in "
-            f"{MAX_ROUND_ATTEMPTS} attempts"
+            f"round {round_no} failed {MAX_ROUND_ATTEMPTS} times; last: {reason}"
         )
 
     def _await_population(self, exp: Experiment, stop: threading.Event) -> list[str]:
@@ -323,25 +325,35 @@ class RoundEngine:
             time.sleep(0.1)
         return []
 
-    def _round(self, run: ActiveRun, round_no: int) -> bool:
-        """Sample, collect and, at quorum, commit one round; False if it must be redone."""
+    def _round(self, run: ActiveRun, round_no: int) -> str:
+        """Sample, collect and, at quorum, commit one round; the reason it must be redone
+        ("" when committed or halted)."""
         t0 = time.time()
         sampling = run.exp.federation.sampling
         population = self._await_population(run.exp, run.stop)
         if not population:
-            return False
+            return ""
         selected = sample_sites(
             run.rng, population, sampling.fraction, sampling.method, sampling.min_sites
         )
         rng_state = run.rng.bit_generator.state
-        config = canonical_json({**run.exp.round_config(), "round": round_no})
-        deadline = time.time() + sampling.timeout_s
-        collector = RoundCollector(
-            set(selected), run.model, run.strategy.aggregator(run.model), UpdateLimits()
+        strategy = run.strategy
+        config = canonical_json(
+            {**run.exp.round_config(), **strategy.fit_config(round_no), "round": round_no}
         )
+        deadline = time.time() + sampling.timeout_s
+        reference = strategy.update_reference(run.model)
+        collector = RoundCollector(
+            set(selected),
+            reference,
+            strategy.aggregator(reference, len(selected)),
+            UpdateLimits(),
+        )
+        task_arrays = strategy.task_arrays(run.model)
+        task_payload = run.payload if task_arrays is run.model else encode(task_arrays)
         assignments = [
             Assignment(uuid.uuid4().hex, site, run.run_id, round_no, fleet_pb2.TASK_KIND_FIT,
-                       config, run.payload, deadline, collector)
+                       config, task_payload, deadline, collector)
             for site in selected
         ]  # fmt: skip
         self.dispatcher.post(assignments)
@@ -349,10 +361,16 @@ class RoundEngine:
             self._wait_round(run, collector, deadline)
         finally:
             self.dispatcher.withdraw(assignments)
-        if len(collector.accepted()) < sampling.min_sites or run.halted(self._shutdown):
-            return False
-        self._commit(run, round_no, selected, collector, rng_state, t0, time.time() - t0)
-        return True
+        if run.halted(self._shutdown):
+            return ""
+        accepted = len(collector.accepted())
+        if accepted < sampling.min_sites:
+            return f"{accepted} accepted update(s), quorum is {sampling.min_sites} (min_sites)"
+        try:
+            self._commit(run, round_no, selected, collector, rng_state, t0, time.time() - t0)
+        except InsufficientUpdates as exc:
+            return str(exc)
+        return ""
 
     def _commit(
         self,
@@ -372,16 +390,18 @@ class RoundEngine:
         t_eval = time.time() - t_eval
         payload = encode(new_model)
         self.db.models.put(new_model, payload.digest)
+        state_digest = self._store(run.strategy.state())
         outcome = collector.summary()
         updates = {s: o.digest for s, o in accepted.items()}
         seconds = time.time() - t0
         entry = self.db.commit_round(
             run.run_id, round_no, payload.digest, run.payload.digest, metrics,
-            outcome["participants"], rng_state,
+            outcome["participants"], rng_state, state_digest,
             {
                 "run_id": run.run_id, "round": round_no, "input_model": run.payload.digest,
                 "output_model": payload.digest, "config_digest": run.exp.config_digest(),
-                "strategy": run.exp.strategy.name, "sampled": selected, **outcome,
+                "strategy": run.exp.strategy.name, "strategy_state": state_digest,
+                "sampled": selected, **outcome,
                 "update_digests": updates, "merkle_root": merkle_root(updates),
                 "metrics": metrics, "dp": None, "secure_aggregation": "off",
                 "timings": {"collect_s": round(t_collect, 4), "evaluate_s": round(t_eval, 4),
@@ -397,6 +417,14 @@ class RoundEngine:
              "ledger_seq": entry.seq, "dropped": outcome["dropped"],
              "rejected": outcome["rejected"]},
         )  # fmt: skip
+
+    def _store(self, arrays: dict[str, np.ndarray]) -> str | None:
+        """Store arrays content-addressed (e.g. strategy state); their digest, or None."""
+        if not arrays:
+            return None
+        digest = encode(arrays).digest
+        self.db.models.put(arrays, digest)
+        return digest
 
     def _wait_round(self, run: ActiveRun, collector: RoundCollector, deadline: float) -> None:
         """Wait for results; count sampled sites silent for too long as dropped."""

@@ -27,6 +27,7 @@ from pydantic import (
 
 from coordinator.canonical import canonical_json, sha256_hex
 from coordinator.errors import ConfigError
+from strategies.registry import StrategyConfigError, strategy_class
 
 NOT_AVAILABLE = "not available in this version of fedcoord"
 
@@ -141,9 +142,28 @@ class Training(Spec):
 
 
 class StrategySpec(Spec):
-    """The aggregation strategy."""
+    """The aggregation strategy: a built-in name or ``package.module:Class``, plus that
+    strategy's own parameters (validated by its ``Params`` model; unknown ones refused)."""
 
-    name: Literal["fedavg"] = "fedavg"
+    model_config = ConfigDict(extra="allow", frozen=True, strict=True, allow_inf_nan=False)
+
+    name: str = "fedavg"
+
+    def params(self) -> dict[str, Any]:
+        return dict(self.model_extra or {})
+
+    @model_validator(mode="after")
+    def _known_with_valid_params(self) -> StrategySpec:
+        try:
+            cls = strategy_class(self.name)
+        except StrategyConfigError as exc:
+            raise KeyedError(exc.key, exc.message) from None
+        try:
+            cls.Params.model_validate(self.params())
+        except ValidationError as exc:
+            err = exc.errors()[0]
+            raise KeyedError(".".join(str(p) for p in err["loc"]), _message(err)) from None
+        return self
 
 
 class SecureAggregation(Spec):

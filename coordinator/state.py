@@ -31,7 +31,8 @@ CREATE TABLE IF NOT EXISTS runs(
 CREATE TABLE IF NOT EXISTS rounds(
     run_id TEXT NOT NULL, round INTEGER NOT NULL, model_digest TEXT NOT NULL,
     parent_digest TEXT NOT NULL, metrics TEXT NOT NULL, participants TEXT NOT NULL,
-    rng_state TEXT NOT NULL, ledger_seq INTEGER NOT NULL, committed REAL NOT NULL,
+    rng_state TEXT NOT NULL, strategy_state TEXT, ledger_seq INTEGER NOT NULL,
+    committed REAL NOT NULL,
     PRIMARY KEY(run_id, round));
 CREATE TABLE IF NOT EXISTS sites(
     site_id TEXT PRIMARY KEY, status TEXT NOT NULL, enrolled REAL NOT NULL,
@@ -156,6 +157,7 @@ class Database:
         metrics: dict[str, Any],
         participants: list[str],
         rng_state: dict[str, Any],
+        strategy_state: str | None,
         ledger_payload: dict[str, Any],
     ) -> ledger.Entry:
         """Atomically record a finished round; the model file must already be stored."""
@@ -164,7 +166,8 @@ class Database:
             entry = ledger.append(c, self.signing_key, "round_committed", ledger_payload)
             c.execute(
                 "INSERT INTO rounds(run_id, round, model_digest, parent_digest, metrics,"
-                " participants, rng_state, ledger_seq, committed) VALUES (?,?,?,?,?,?,?,?,?)",
+                " participants, rng_state, strategy_state, ledger_seq, committed)"
+                " VALUES (?,?,?,?,?,?,?,?,?,?)",
                 (
                     run_id,
                     round_no,
@@ -173,6 +176,7 @@ class Database:
                     json.dumps(metrics),
                     json.dumps(participants),
                     json.dumps(rng_state),
+                    strategy_state,
                     entry.seq,
                     now,
                 ),
@@ -183,14 +187,18 @@ class Database:
             )
         return entry
 
-    def last_round(self, run_id: str) -> tuple[int, str, dict[str, Any]] | None:
-        """(round, model digest, rng state) of the run's last committed round."""
+    def last_round(self, run_id: str) -> tuple[int, str, dict[str, Any], str | None] | None:
+        """(round, model digest, rng state, strategy state digest) of the run's last
+        committed round."""
         rows = self.query(
-            "SELECT round, model_digest, rng_state FROM rounds WHERE run_id=?"
+            "SELECT round, model_digest, rng_state, strategy_state FROM rounds WHERE run_id=?"
             " ORDER BY round DESC LIMIT 1",
             (run_id,),
         )
-        return (rows[0][0], rows[0][1], json.loads(rows[0][2])) if rows else None
+        if not rows:
+            return None
+        round_no, digest, rng_state, state = rows[0]
+        return round_no, digest, json.loads(rng_state), state
 
     def history(self, run_id: str) -> list[dict[str, Any]]:
         rows = self.query(
@@ -217,7 +225,7 @@ class Database:
             count = ledger.verify_chain(self._conn, self.signing_key.public_key())
             entries = list(ledger.entries(self._conn))
         for entry in entries:
-            for key in ("input_model", "output_model"):
+            for key in ("input_model", "output_model", "initial_model", "strategy_state"):
                 digest = entry.payload.get(key)
                 if digest:
                     self.models.verify(digest)

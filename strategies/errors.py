@@ -14,3 +14,8 @@ class InvalidUpdate(ValueError):
         self.reason = reason
         self.detail = detail
         super().__init__(f"{reason}: {detail}")
+
+
+class InsufficientUpdates(ValueError):
+    """A round's accepted updates are too few for the strategy's rule (e.g. Krum with f
+    Byzantine sites needs n >= 2f + 3); the round is not committed."""

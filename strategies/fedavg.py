@@ -9,7 +9,12 @@ from strategies.base import Arrays, Strategy, add_delta
 
 
 class FedAvg(Strategy):
+    """Streams updates into one weighted mean; O(model) memory for any number of sites."""
+
     name = "fedavg"
 
-    def apply(self, reference: Arrays, aggregator: WeightedDeltaMean) -> dict[str, np.ndarray]:
-        return add_delta(reference, aggregator.mean())
+    def aggregator(self, reference: Arrays, expected: int) -> WeightedDeltaMean:
+        return WeightedDeltaMean(reference)
+
+    def apply(self, model: Arrays, aggregator: WeightedDeltaMean) -> dict[str, np.ndarray]:  # type: ignore[override]
+        return add_delta(model, aggregator.mean())

@@ -214,13 +214,17 @@ def test_out_of_range_values_are_refused(text, key, message):
             "sign_flip, gaussian, scale, nan, label_flip",
         ),
         (BASE + "training: {optimizer: {name: lbfgs}}\n", "training.optimizer.name", "sgd, adam"),
-        (BASE + "strategy: {name: krum}\n", "strategy.name", "fedavg"),
         (BASE + "simulation: {backend: dask}\n", "simulation.backend", "local"),
     ],
 )
 def test_bad_choices_list_the_allowed_values(text, key, choices):
     err = error_of(text)
     assert err.key == key and err.message.startswith(f"must be one of: {choices}")
+
+
+def test_unknown_strategies_list_the_built_in_ones():
+    err = error_of(BASE + "strategy: {name: no_such_rule}\n")
+    assert err.key == "strategy.name" and "built-in: " in err.message and "fedavg" in err.message
 
 
 @pytest.mark.parametrize(

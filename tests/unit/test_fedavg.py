@@ -25,7 +25,7 @@ def test_fedavg_equals_the_weighted_mean_of_models():
     updates = [model(rng) for _ in range(5)]
     weights = [10, 1, 7, 3, 100]
     strategy = FedAvg()
-    agg = strategy.aggregator(ref)
+    agg = strategy.aggregator(ref, len(updates))
     for u, w in zip(updates, weights, strict=True):
         agg.add(u, w)
     out = strategy.apply(ref, agg)
