@@ -16,16 +16,26 @@ key                 default  meaning
 ``lr``              0.01     learning rate
 ``momentum``        0.0      SGD momentum (ignored by Adam)
 ``weight_decay``    0.0      L2 penalty
+``proximal_mu``     0.0      FedProx: adds (mu/2)||w - w_global||^2 to the loss
 ==================  =======  =================================================
+
+SCAFFOLD (Karimireddy et al. 2020) is driven by the arrays: when the coordinator sends
+server control variates as ``scaffold.c/<tensor>`` next to the model, each gradient is
+corrected by ``c - c_i`` and the result carries ``scaffold.delta_c/<tensor>``. The
+site's own variate ``c_i`` persists across rounds, and across restarts when the client
+has a ``state_path``.
 """
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 import torch
+from safetensors.numpy import load_file, save_file
 from torch import nn
 
 from client_sdk.api import Arrays, Client, Config, EvaluateResult, FitResult
@@ -38,6 +48,10 @@ TrainData = Iterable[Batch] | tuple[torch.Tensor, torch.Tensor]
 pair of tensors holding the whole local dataset."""
 
 DEFAULT_BATCH_SIZE = 32
+SCAFFOLD_C = "scaffold.c/"
+SCAFFOLD_DELTA_C = "scaffold.delta_c/"
+GradientCorrection = Callable[[], None]
+"""Called after ``backward()`` and before ``optimizer.step()`` to adjust the gradients."""
 
 
 def arrays_from_module(module: nn.Module) -> dict[str, np.ndarray]:
@@ -206,6 +220,7 @@ class FitSettings:
     lr: float = 0.01
     momentum: float = 0.0
     weight_decay: float = 0.0
+    proximal_mu: float = 0.0
 
     @classmethod
     def from_config(cls, config: Mapping[str, object]) -> FitSettings:
@@ -222,6 +237,7 @@ class FitSettings:
             lr=_config_float(config, "lr", cls.lr, positive=True),
             momentum=_config_float(config, "momentum", cls.momentum),
             weight_decay=_config_float(config, "weight_decay", cls.weight_decay),
+            proximal_mu=_config_float(config, "proximal_mu", cls.proximal_mu),
         )
 
 
@@ -277,6 +293,9 @@ class TorchClient(Client):
         Where training runs (``"cpu"``, ``"cuda"``, ...). Results are CPU numpy arrays.
     seed
         Seed of the shuffling of a ``(x, y)`` pair.
+    state_path
+        Where the site's SCAFFOLD control variate is kept between runs of the site
+        (a safetensors file); ``None`` keeps it in memory only.
     """
 
     def __init__(
@@ -287,6 +306,7 @@ class TorchClient(Client):
         loss_fn: LossFn | None = None,
         device: str | torch.device = "cpu",
         seed: int = 0,
+        state_path: str | Path | None = None,
     ) -> None:
         self.device = torch.device(device)
         self.model = model.to(self.device)
@@ -294,6 +314,8 @@ class TorchClient(Client):
         self._train = self._on_device(train_data)
         self._test = None if test_data is None else self._on_device(test_data)
         self._generator = torch.Generator().manual_seed(seed)
+        self.state_path = Path(state_path) if state_path is not None else None
+        self._c_local = self._load_control()
 
     def fit(self, arrays: Arrays, config: Config) -> FitResult:
         """Load ``arrays``, train ``local_epochs`` epochs, return the trained model.
@@ -301,14 +323,26 @@ class TorchClient(Client):
         ``num_examples`` is the number of examples in one epoch; the metrics ``loss`` and
         ``accuracy`` are over the last epoch.
         """
-        load_arrays(self.model, arrays)
+        model_arrays = {k: v for k, v in arrays.items() if not k.startswith(SCAFFOLD_C)}
+        control = {
+            k.removeprefix(SCAFFOLD_C): v for k, v in arrays.items() if k.startswith(SCAFFOLD_C)
+        }
+        load_arrays(self.model, model_arrays)
         settings = FitSettings.from_config(config)
         optimizer = _make_optimizer(self.model.parameters(), settings)
+        corrections = self._corrections(settings, control)
         self.model.train()
-        for _ in range(settings.local_epochs - 1):
-            self._train_epoch(optimizer, settings.batch_size)
-        stats = self._train_epoch(optimizer, settings.batch_size)
-        return FitResult(arrays_from_module(self.model), stats.num_examples, stats.metrics())
+        steps = 0
+        for _ in range(settings.local_epochs):
+            stats, n = self._train_epoch(optimizer, settings.batch_size, corrections)
+            steps += n
+        result = arrays_from_module(self.model)
+        if control:
+            if settings.optimizer != "sgd":
+                raise ClientError("SCAFFOLD needs the sgd optimizer")
+            step_size = settings.lr / (1.0 - settings.momentum)  # heavy-ball effective step
+            result.update(self._scaffold_deltas(model_arrays, control, steps, step_size))
+        return FitResult(result, stats.num_examples, stats.metrics())
 
     def evaluate(self, arrays: Arrays, config: Config) -> EvaluateResult:
         """Loss and accuracy of ``arrays`` on the test data (or the training data)."""
@@ -321,16 +355,101 @@ class TorchClient(Client):
         metrics.pop("loss")
         return EvaluateResult(stats.loss, stats.num_examples, metrics)
 
-    def _train_epoch(self, optimizer: torch.optim.Optimizer, batch_size: int) -> EvalStats:
+    def _train_epoch(
+        self,
+        optimizer: torch.optim.Optimizer,
+        batch_size: int,
+        corrections: list[GradientCorrection],
+    ) -> tuple[EvalStats, int]:
+        """One pass over the local data; the stats and the number of optimizer steps."""
         tally = _Tally()
+        steps = 0
         for x, y in self._batches(self._train, batch_size, shuffle=True):
-            optimizer.zero_grad(set_to_none=True)
+            optimizer.zero_grad(set_to_none=False)
             outputs = self.model(x)
             loss = self.loss_fn(outputs, y)
             loss.backward()
+            for correct in corrections:
+                correct()
             optimizer.step()
             tally.add(loss, outputs, y)
-        return tally.result()
+            steps += 1
+        return tally.result(), steps
+
+    def _parameters(self) -> dict[str, nn.Parameter]:
+        return {n: p for n, p in self.model.named_parameters() if p.requires_grad}
+
+    def _corrections(
+        self, settings: FitSettings, control: Mapping[str, np.ndarray]
+    ) -> list[GradientCorrection]:
+        """FedProx's proximal gradient and SCAFFOLD's drift correction, as configured."""
+        params = self._parameters()
+        corrections: list[GradientCorrection] = []
+        if settings.proximal_mu > 0:
+            anchor = {n: p.detach().clone() for n, p in params.items()}
+            mu = settings.proximal_mu
+
+            def proximal() -> None:
+                for n, p in params.items():
+                    p.grad.add_(p.detach() - anchor[n], alpha=mu)
+
+            corrections.append(proximal)
+        if control:
+            missing = params.keys() - control.keys()
+            if missing:
+                raise ClientError(f"SCAFFOLD control variates lack {sorted(missing)[:3]}")
+            shift = {
+                n: _as_tensor(control[n]).to(self.device) - self._local_control(n, p)
+                for n, p in params.items()
+            }
+
+            def scaffold() -> None:
+                for n, p in params.items():
+                    p.grad.add_(shift[n])
+
+            corrections.append(scaffold)
+        return corrections
+
+    def _local_control(self, name: str, param: torch.Tensor) -> torch.Tensor:
+        if name not in self._c_local:
+            self._c_local[name] = torch.zeros_like(param.detach())
+        return self._c_local[name].to(self.device)
+
+    def _scaffold_deltas(
+        self, start: Arrays, control: Mapping[str, np.ndarray], steps: int, lr: float
+    ) -> dict[str, np.ndarray]:
+        """Update c_i <- c_i - c + (x - y_i) / (K lr) (option II of the paper; ``lr`` is the
+        effective step, lr / (1 - momentum) under SGD momentum) and return
+        ``scaffold.delta_c/<tensor>`` for every float tensor (zero for non-parameters)."""
+        params = self._parameters()
+        deltas: dict[str, np.ndarray] = {}
+        for name, x in start.items():
+            if x.dtype.kind != "f":
+                continue
+            delta = np.zeros_like(x)
+            if name in params and steps > 0:
+                p = params[name].detach()
+                old = self._local_control(name, p)
+                drift = (_as_tensor(x).to(self.device) - p) / (steps * lr)
+                new = old - _as_tensor(control[name]).to(self.device) + drift
+                delta = (new - old).cpu().numpy().astype(x.dtype, copy=False)
+                self._c_local[name] = new
+            deltas[SCAFFOLD_DELTA_C + name] = delta
+        self._save_control()
+        return deltas
+
+    def _load_control(self) -> dict[str, torch.Tensor]:
+        if self.state_path is None or not self.state_path.exists():
+            return {}
+        return {k: torch.from_numpy(v) for k, v in load_file(str(self.state_path)).items()}
+
+    def _save_control(self) -> None:
+        if self.state_path is None:
+            return
+        self.state_path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = self.state_path.with_name(self.state_path.name + ".tmp")
+        save_file({k: v.detach().cpu().numpy() for k, v in self._c_local.items()}, str(tmp))
+        os.replace(tmp, self.state_path)
 
     def _on_device(self, data: TrainData) -> TrainData:
         if _is_tensor_pair(data):

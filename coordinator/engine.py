@@ -338,6 +338,7 @@ class RoundEngine:
         )
         rng_state = run.rng.bit_generator.state
         strategy = run.strategy
+        strategy.begin_round(round_no, len(population))
         config = canonical_json(
             {**run.exp.round_config(), **strategy.fit_config(round_no), "round": round_no}
         )

@@ -248,6 +248,12 @@ class Experiment(Spec):
             raise ValueError(f"drift checks are {NOT_AVAILABLE}; leave drift empty")
         return value
 
+    @model_validator(mode="after")
+    def _scaffold_needs_sgd(self) -> Experiment:
+        if self.strategy.name == "scaffold" and self.training.optimizer.name != "sgd":
+            raise KeyedError("strategy.name", "scaffold needs training.optimizer.name: sgd")
+        return self
+
     def simulated_behaviour(self) -> list[str]:
         """Keys set to behaviour only ``fedcoord simulate`` can produce (a coordinator
         serving real sites must refuse them rather than ignore them)."""

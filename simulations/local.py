@@ -7,6 +7,7 @@ gRPC to it exactly as remote sites would.
 
 from __future__ import annotations
 
+import inspect
 import json
 import multiprocessing as mp
 import sys
@@ -42,17 +43,21 @@ def printer(stream: TextIO) -> Callable[[RunEvent], None]:
 def preflight(exp: Experiment) -> None:
     """Fail fast, before any process starts, on what the sites would trip over.
 
-    Refuses features this version cannot honour (never ignores them) and builds the
-    task and the first site's partition, so a bad task option or an infeasible split
-    is a configuration error, not a failed run.
+    Builds the task and the first site's partition (as an attacker would, when
+    ``label_flip`` is configured), so a bad task option, an infeasible split or a task
+    that cannot flip labels is a configuration error, not a failed run.
     """
-    if exp.federation.byzantine.sites > 0:
-        raise ConfigError(
-            "federation.byzantine.sites",
-            "attack simulation is not available in this version of fedcoord",
-        )
     task = load_task(exp.task.name, exp.task.model, exp.task.options, exp.seed)
-    task.make_client(0, exp.federation.sites, exp.federation.partition.spec(), exp.seed)
+    fed = exp.federation
+    flip = fed.byzantine.sites > 0 and fed.byzantine.attack == "label_flip"
+    if flip and "flip_labels" not in inspect.signature(task.make_client).parameters:
+        raise ConfigError(
+            "federation.byzantine.attack",
+            f"task {exp.task.name!r} cannot simulate label_flip (its make_client takes no "
+            "flip_labels)",
+        )
+    extra = {"flip_labels": True} if flip else {}
+    task.make_client(0, fed.sites, fed.partition.spec(), exp.seed, **extra)
 
 
 def simulate(exp: Experiment, out_dir: Path, stream: TextIO = sys.stdout) -> dict[str, Any]:

@@ -19,6 +19,7 @@ from client_sdk import Client, EvaluateResult, FitResult, run_site
 from client_sdk.api import Arrays, Config
 from coordinator.experiment import Experiment, parse_experiment
 from coordinator.tasks import Task, load_task
+from simulations.attacks import UPDATE_ATTACKS, attack_update, attackers
 
 
 class SimulatedDropout(RuntimeError):
@@ -30,21 +31,31 @@ def site_name(index: int, num_sites: int) -> str:
 
 
 class SimulatedSite(Client):
-    """A task's client for one partition, built at first use, with simulated dropouts."""
+    """A task's client for one partition, built at first use, with simulated dropouts
+    and, for the sites chosen as attackers, the configured Byzantine attack."""
 
-    def __init__(self, task: Task, index: int, exp: Experiment, train_lock: threading.Lock):
+    def __init__(
+        self,
+        task: Task,
+        index: int,
+        exp: Experiment,
+        train_lock: threading.Lock,
+        attack: str | None = None,
+    ):
         self.task = task
         self.index = index
         self.exp = exp
         self.train_lock = train_lock
+        self.attack = attack
         self._client: Client | None = None
 
     @property
     def client(self) -> Client:
         if self._client is None:
             fed = self.exp.federation
+            extra = {"flip_labels": True} if self.attack == "label_flip" else {}
             self._client = self.task.make_client(
-                self.index, fed.sites, fed.partition.spec(), self.exp.seed
+                self.index, fed.sites, fed.partition.spec(), self.exp.seed, **extra
             )
         return self._client
 
@@ -59,7 +70,12 @@ class SimulatedSite(Client):
     def fit(self, arrays: Arrays, config: Config) -> FitResult:
         self._maybe_drop(config)
         with self.train_lock:
-            return self.client.fit(arrays, config)
+            result = self.client.fit(arrays, config)
+        if self.attack not in UPDATE_ATTACKS:
+            return result
+        rng = np.random.default_rng([self.exp.seed, int(config.get("round", 0)), self.index, 2])
+        poisoned = attack_update(self.attack, arrays, result.arrays, rng)
+        return FitResult(poisoned, result.num_examples, result.metrics)
 
     def evaluate(self, arrays: Arrays, config: Config) -> EvaluateResult:
         with self.train_lock:
@@ -81,8 +97,10 @@ def worker_main(
     lock = threading.Lock()
     site_stop = threading.Event()
     n = exp.federation.sites
+    byzantine = exp.federation.byzantine
+    bad = attackers(n, byzantine.sites, exp.seed)
     for index in range(worker, n, workers):
-        site = SimulatedSite(task, index, exp, lock)
+        site = SimulatedSite(task, index, exp, lock, byzantine.attack if index in bad else None)
         threading.Thread(
             target=_serve_site,
             args=(site, address, site_name(index, n), site_stop),

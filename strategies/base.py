@@ -55,6 +55,9 @@ class Strategy(ABC):
     def __init__(self, params: BaseModel | None = None):
         self.params = params if params is not None else self.Params()
 
+    def begin_round(self, round_no: int, population: int) -> None:  # noqa: B027 - optional hook
+        """Called before a round's tasks go out, with the number of sites online."""
+
     def fit_config(self, round_no: int) -> dict[str, ConfigValue]:
         """Extra round-config keys sent to sites with every fit task."""
         return {}

@@ -14,8 +14,9 @@ from pydantic import ValidationError
 
 from strategies.base import Strategy
 from strategies.fedavg import FedAvg
+from strategies.scaffold import Scaffold
 
-STRATEGIES: dict[str, type[Strategy]] = {"fedavg": FedAvg}
+STRATEGIES: dict[str, type[Strategy]] = {cls.name: cls for cls in (FedAvg, Scaffold)}
 
 
 class StrategyConfigError(ValueError):

@@ -151,11 +151,19 @@ class ClassificationTask(ABC):
         return {"loss": stats.loss, "accuracy": float(stats.accuracy or 0.0)}
 
     def make_client(
-        self, site_index: int, num_sites: int, partition: Mapping[str, Any], seed: int
+        self,
+        site_index: int,
+        num_sites: int,
+        partition: Mapping[str, Any],
+        seed: int,
+        flip_labels: bool = False,
     ) -> TorchClient:
-        """A :class:`TorchClient` over partition ``site_index`` of ``num_sites``."""
+        """A :class:`TorchClient` over partition ``site_index`` of ``num_sites``;
+        ``flip_labels`` maps label y to num_classes - 1 - y (a label-flipping attacker)."""
         _check_site(site_index, num_sites)
         x, y = self.site_data(site_index, num_sites, partition, seed)
+        if flip_labels:
+            y = self.num_classes - 1 - y
         data = (torch.from_numpy(x), torch.from_numpy(y))
         return TorchClient(self.new_model(None), data, seed=_site_seed(seed, site_index))
 
