@@ -19,6 +19,7 @@ import grpc
 
 from client_sdk import Client, run_site
 from client_sdk.errors import SiteError
+from client_sdk.flower import FlowerSite, is_numpy_client
 from coordinator.cli import add_operator_commands, add_transport_flags, require_insecure
 from coordinator.errors import ConfigError, CoordinatorError
 from coordinator.experiment import load_experiment
@@ -55,7 +56,8 @@ def parse_partition(text: str) -> tuple[int, int]:
 
 
 def load_client(spec: str) -> Client:
-    """``module:callable`` returning a Client (or a Client instance itself)."""
+    """``module:callable`` returning a Client or a Flower ``NumPyClient`` (or either
+    instance itself)."""
     module_name, _, attr = spec.partition(":")
     if not module_name or not attr:
         raise ConfigError("--client", f"expected module:callable, got {spec!r}")
@@ -63,9 +65,13 @@ def load_client(spec: str) -> Client:
         obj = getattr(importlib.import_module(module_name), attr)
     except (ImportError, AttributeError) as exc:
         raise ConfigError("--client", f"cannot load {spec!r}: {exc}") from None
-    client = obj if isinstance(obj, Client) else obj()
+    client = obj if isinstance(obj, Client) or is_numpy_client(obj) else obj()
+    if is_numpy_client(client) and not isinstance(client, Client):
+        return FlowerSite(client)  # an unmodified Flower NumPyClient
     if not isinstance(client, Client):
-        raise ConfigError("--client", f"{spec!r} did not give a client_sdk.Client")
+        raise ConfigError(
+            "--client", f"{spec!r} gave neither a client_sdk.Client nor a Flower NumPyClient"
+        )
     return client
 
 
