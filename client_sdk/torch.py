@@ -314,6 +314,10 @@ class TorchClient(Client):
         self._train = self._on_device(train_data)
         self._test = None if test_data is None else self._on_device(test_data)
         self._generator = torch.Generator().manual_seed(seed)
+        self.use_state_file(state_path)
+
+    def use_state_file(self, state_path: str | Path | None) -> None:
+        """Keep the site's SCAFFOLD variate in ``state_path`` (loaded now if present)."""
         self.state_path = Path(state_path) if state_path is not None else None
         self._c_local = self._load_control()
 

@@ -86,6 +86,8 @@ def cmd_site(args: argparse.Namespace) -> int:
         torch.set_num_threads(args.threads)
         task = load_task(args.task, args.model, {}, args.seed)
         client = task.make_client(i - 1, n, {"kind": "iid"}, args.seed)
+        if args.state_dir:
+            client.use_state_file(Path(args.state_dir) / f"{args.site_id}.safetensors")
     else:
         client = load_client(args.client)
     logging.basicConfig(
@@ -132,6 +134,11 @@ def build_parser() -> argparse.ArgumentParser:
         default=1,
         help="with --task: torch threads for local training (default 1, so "
         "several demo sites can share one machine)",
+    )
+    p.add_argument(
+        "--state-dir",
+        help="with --task: keep the site's own training state "
+        "(SCAFFOLD control variate) here, so it survives a restart",
     )
     p.add_argument("--token", help="enrollment token")
     p.add_argument(
