@@ -14,9 +14,14 @@ from pydantic import ValidationError
 
 from strategies.base import Strategy
 from strategies.fedavg import FedAvg
+from strategies.fedopt import FedAdagrad, FedAdam, FedAvgM, FedProx, FedYogi
+from strategies.robust import ROBUST_STRATEGIES
 from strategies.scaffold import Scaffold
 
-STRATEGIES: dict[str, type[Strategy]] = {cls.name: cls for cls in (FedAvg, Scaffold)}
+STRATEGIES: dict[str, type[Strategy]] = {
+    **{cls.name: cls for cls in (FedAvg, FedAvgM, FedProx, FedAdam, FedYogi, FedAdagrad, Scaffold)},
+    **ROBUST_STRATEGIES,
+}
 
 
 class StrategyConfigError(ValueError):
