@@ -17,7 +17,7 @@ from typing import Any
 import numpy as np
 
 from protos.codec import EncodedPayload
-from strategies.accumulator import WeightedDeltaMean
+from strategies.base import Aggregator
 from strategies.errors import InvalidUpdate
 from strategies.validation import ModelSpec, UpdateLimits, validate_update
 
@@ -55,7 +55,7 @@ class RoundCollector:
         self,
         expected: set[str],
         reference: Mapping[str, np.ndarray],
-        aggregator: WeightedDeltaMean,
+        aggregator: Aggregator,
         limits: UpdateLimits,
     ):
         self.expected = expected

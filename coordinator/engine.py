@@ -32,7 +32,6 @@ from protos.codec import EncodedPayload, encode
 from protos.fedcoord.v1 import fleet_pb2
 from strategies.base import Strategy
 from strategies.errors import InsufficientUpdates
-from strategies.registry import make_strategy
 from strategies.validation import UpdateLimits
 
 log = logging.getLogger("fedcoord.engine")
@@ -67,6 +66,12 @@ class ActiveRun:
 
     def halted(self, shutdown: threading.Event) -> bool:
         return self.stop.is_set() or shutdown.is_set()
+
+    @property
+    def quorum(self) -> int:
+        """Accepted updates a round needs: ``min_sites``, raised to what the strategy's
+        rule needs (e.g. Krum with ``f`` needs ``2f + 3``)."""
+        return max(self.exp.federation.sampling.min_sites, self.strategy.min_updates())
 
 
 def sample_sites(
@@ -240,7 +245,7 @@ class RoundEngine:
             raise UnknownRun(f"no run {run_id!r}")
         exp = parse_experiment(row.experiment, run_id)
         task = load_task(exp.task.name, exp.task.model, exp.task.options, exp.seed)
-        strategy = make_strategy(exp.strategy.name, exp.strategy.params())
+        strategy = exp.make_strategy()
         rng = np.random.default_rng(exp.seed)
         resumed = self.db.last_round(run_id)
         if resumed is not None:
@@ -301,27 +306,27 @@ class RoundEngine:
             f"round {round_no} failed {MAX_ROUND_ATTEMPTS} times; last: {reason}"
         )
 
-    def _await_population(self, exp: Experiment, stop: threading.Event) -> list[str]:
-        """Online sites: all ``federation.sites`` of them, or at least ``min_sites`` once
-        the round timeout has passed; fails after ``federation.sampling.wait_for_sites_s``."""
-        sampling = exp.federation.sampling
+    def _await_population(self, run: ActiveRun) -> list[str]:
+        """Online sites: all ``federation.sites`` of them, or at least the quorum once the
+        round timeout has passed; fails after ``federation.sampling.wait_for_sites_s``."""
+        sampling = run.exp.federation.sampling
+        wanted, quorum = run.exp.federation.sites, run.quorum
         t0 = time.time()
         noted = -1
-        while not (stop.is_set() or self._shutdown.is_set()):
+        while not run.halted(self._shutdown):
             online = self.dispatcher.online()
             waited = time.time() - t0
-            if len(online) >= exp.federation.sites or (
-                len(online) >= sampling.min_sites and waited >= sampling.timeout_s
-            ):
+            if len(online) >= wanted or (len(online) >= quorum and waited >= sampling.timeout_s):
                 return online
             if waited > sampling.wait_for_sites_s:
                 raise QuorumNotReached(
                     f"only {len(online)} site(s) online after {waited:.0f}s; the run needs "
-                    f"at least {sampling.min_sites} (federation.sampling.min_sites)"
+                    f"at least {quorum} (federation.sampling.min_sites, or what "
+                    f"{run.exp.strategy.name} needs)"
                 )
             if len(online) != noted:
                 noted = len(online)
-                log.info("waiting for sites: %d/%d online", noted, exp.federation.sites)
+                log.info("waiting for sites: %d/%d online", noted, wanted)
             time.sleep(0.1)
         return []
 
@@ -330,12 +335,10 @@ class RoundEngine:
         ("" when committed or halted)."""
         t0 = time.time()
         sampling = run.exp.federation.sampling
-        population = self._await_population(run.exp, run.stop)
+        population = self._await_population(run)
         if not population:
             return ""
-        selected = sample_sites(
-            run.rng, population, sampling.fraction, sampling.method, sampling.min_sites
-        )
+        selected = sample_sites(run.rng, population, sampling.fraction, sampling.method, run.quorum)
         rng_state = run.rng.bit_generator.state
         strategy = run.strategy
         strategy.begin_round(round_no, len(population))
@@ -348,7 +351,7 @@ class RoundEngine:
             set(selected),
             reference,
             strategy.aggregator(reference, len(selected)),
-            UpdateLimits(),
+            UpdateLimits(run.exp.validation.max_examples, run.exp.validation.max_update_norm),
         )
         task_arrays = strategy.task_arrays(run.model)
         task_payload = run.payload if task_arrays is run.model else encode(task_arrays)
@@ -365,8 +368,8 @@ class RoundEngine:
         if run.halted(self._shutdown):
             return ""
         accepted = len(collector.accepted())
-        if accepted < sampling.min_sites:
-            return f"{accepted} accepted update(s), quorum is {sampling.min_sites} (min_sites)"
+        if accepted < run.quorum:
+            return f"{accepted} accepted update(s), the quorum is {run.quorum}"
         try:
             self._commit(run, round_no, selected, collector, rng_state, t0, time.time() - t0)
         except InsufficientUpdates as exc:

@@ -27,7 +27,8 @@ from pydantic import (
 
 from coordinator.canonical import canonical_json, sha256_hex
 from coordinator.errors import ConfigError
-from strategies.registry import StrategyConfigError, strategy_class
+from strategies.base import Strategy
+from strategies.registry import StrategyConfigError, make_strategy, strategy_class
 
 NOT_AVAILABLE = "not available in this version of fedcoord"
 
@@ -166,6 +167,14 @@ class StrategySpec(Spec):
         return self
 
 
+class Validation(Spec):
+    """Bounds every update must respect, besides matching the global model's names,
+    shapes and dtypes and holding only finite values."""
+
+    max_examples: Annotated[int, Field(ge=1)] = 10_000_000
+    max_update_norm: Annotated[float, Field(gt=0)] | None = None
+
+
 class SecureAggregation(Spec):
     """Secure aggregation switch (refused when on: not implemented yet)."""
 
@@ -227,6 +236,7 @@ class Experiment(Spec):
     federation: Federation = Federation()
     training: Training = Training()
     strategy: StrategySpec = StrategySpec()
+    validation: Validation = Validation()
     privacy: Privacy = Privacy()
     mlflow: None = None
     drift: dict[str, Any] = Field(default_factory=dict)
@@ -253,6 +263,22 @@ class Experiment(Spec):
         if self.strategy.name == "scaffold" and self.training.optimizer.name != "sgd":
             raise KeyedError("strategy.name", "scaffold needs training.optimizer.name: sgd")
         return self
+
+    @model_validator(mode="after")
+    def _strategy_fits_federation(self) -> Experiment:
+        need = self.make_strategy().min_updates()
+        if need > self.federation.sites:
+            key = "strategy.f" if "f" in self.strategy.params() else "strategy.name"
+            raise KeyedError(
+                key,
+                f"{self.strategy.name} needs at least {need} updates per round but "
+                f"federation.sites is {self.federation.sites}",
+            )
+        return self
+
+    def make_strategy(self) -> Strategy:
+        """A fresh instance of the configured strategy."""
+        return make_strategy(self.strategy.name, self.strategy.params())
 
     def simulated_behaviour(self) -> list[str]:
         """Keys set to behaviour only ``fedcoord simulate`` can produce (a coordinator

@@ -55,6 +55,10 @@ class Strategy(ABC):
     def __init__(self, params: BaseModel | None = None):
         self.params = params if params is not None else self.Params()
 
+    def min_updates(self) -> int:
+        """The fewest accepted updates a round needs for this strategy's rule (1 here)."""
+        return 1
+
     def begin_round(self, round_no: int, population: int) -> None:  # noqa: B027 - optional hook
         """Called before a round's tasks go out, with the number of sites online."""
 

@@ -263,6 +263,30 @@ def test_site_counts_must_fit_the_federation(text, key):
 
 
 @pytest.mark.parametrize(
+    "text, key, need",
+    [
+        (BASE + "strategy: {name: krum, f: 4}\n", "strategy.f", 11),
+        (BASE + "strategy: {name: bulyan, f: 2}\n", "strategy.f", 11),
+        (BASE + "federation: {sites: 2}\nstrategy: {name: krum}\n", "strategy.name", 3),
+        (BASE + "strategy: {name: multikrum, f: 1, m: 10}\n", "strategy.f", 11),
+    ],
+)
+def test_robust_strategies_must_fit_the_federation(text, key, need):
+    err = error_of(text)
+    assert err.key == key
+    assert f"needs at least {need} updates per round" in err.message
+
+
+def test_validation_bounds_parse_and_are_checked():
+    exp = parse_experiment(BASE + "validation: {max_examples: 5000, max_update_norm: 3}\n")
+    assert (exp.validation.max_examples, exp.validation.max_update_norm) == (5000, 3.0)
+    assert parse_experiment(BASE).validation.max_update_norm is None
+    err = error_of(BASE + "validation: {max_update_norm: 0}\n")
+    assert err.key == "validation.max_update_norm" and err.message.startswith("must be > 0")
+    assert error_of(BASE + "validation: {norm: 1}\n").key == "validation.norm"
+
+
+@pytest.mark.parametrize(
     "text, key, what",
     [
         (BASE + "privacy: {dp: {mode: central}}\n", "privacy.dp", "differential privacy"),
