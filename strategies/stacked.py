@@ -71,7 +71,10 @@ class StackedDeltas:
         row = self._rows[self.count]
         for name, sl in self.slices.items():
             ref = self.reference[name].reshape(-1)
-            np.subtract(arrays[name].reshape(-1), ref, out=row[sl], dtype=np.float32)
+            # subtract at the tensor's own precision, then store the delta as float32
+            # (rounding float64 operands first would lose deltas below float32 spacing)
+            wide = np.promote_types(ref.dtype, np.float32)
+            np.subtract(arrays[name].reshape(-1), ref, out=row[sl], dtype=wide, casting="same_kind")
         for name, values in self._ints.items():
             values.append(np.array(arrays[name], copy=True))
         self.weights.append(float(weight))
