@@ -6,7 +6,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 PIP := $(PY) -m pip install --disable-pip-version-check -q
 
-.PHONY: demo test lint protos venv dev clean
+.PHONY: demo test lint protos venv dev bench clean
 
 $(VENV)/.base: pyproject.toml
 	@echo "==> creating $(VENV) and installing torch==2.13.0 + fedcoord"
@@ -39,6 +39,16 @@ lint: $(VENV)/.dev
 protos: $(VENV)/.dev
 	$(PY) -m grpc_tools.protoc -I . --python_out=. --pyi_out=. --grpc_python_out=. \
 		protos/fedcoord/v1/*.proto
+
+# Side-by-side benchmarks: every benchmarks/*.py module but the shared helpers; each
+# prints a table, writes benchmarks/results/<name>.json and its section of RESULTS.md.
+BENCHMARKS := $(filter-out __init__ common,$(basename $(notdir $(wildcard benchmarks/*.py))))
+
+bench: $(VENV)/.dev
+	@for m in $(BENCHMARKS); do \
+		echo "==> benchmarks.$$m"; \
+		$(PY) -m benchmarks.$$m || exit 1; \
+	done
 
 clean:
 	rm -rf $(VENV) runs build *.egg-info

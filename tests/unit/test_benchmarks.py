@@ -1,0 +1,87 @@
+"""The benchmarks run, agree with their reference implementation, and keep RESULTS.md tidy."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from benchmarks import aggregation, common
+
+pytest.importorskip("flwr")
+
+
+def test_quick_aggregation_benchmark_writes_agreeing_results(tmp_path: Path) -> None:
+    results_md = tmp_path / "RESULTS.md"
+    other = "<!-- benchmark:other -->\n## Other\n\nkept\n<!-- /benchmark:other -->\n"
+    results_md.write_text(common.RESULTS_MD_HEADER + "\n" + other)
+    code = aggregation.main(
+        ["--quick", "--repeats", "1", "--out-dir", str(tmp_path), "--results-md", str(results_md)]
+    )
+    assert code == 0
+
+    payload = json.loads((tmp_path / "aggregation.json").read_text())
+    assert {"benchmark", "created_utc", "quick", "machine", "config", "fedavg", "krum"} <= set(
+        payload
+    )
+    assert payload["benchmark"] == "aggregation" and payload["quick"] is True
+    assert payload["agree"] is True
+    assert {"cpu", "cores", "ram_gib", "python", "packages"} <= set(payload["machine"])
+    assert {"numpy", "torch", "flwr"} <= set(payload["machine"]["packages"])
+
+    timing_keys = {"fedcoord_s", "flwr_s", "fedcoord_gb_s", "flwr_gb_s", "speedup", "agree"}
+    assert [row["model"] for row in payload["fedavg"]] == ["1 tensor", "161 tensors"]
+    for row in payload["fedavg"]:
+        assert timing_keys <= set(row)
+        assert row["agree"] is True
+        assert row["fedcoord_dtype"] == "float32" and row["flwr_dtype"] == "float32"
+        assert row["fedcoord_s"] > 0 and row["flwr_s"] > 0
+        assert row["fedcoord_max_err_vs_float64"] < 1e-5
+    krum = payload["krum"]
+    assert timing_keys <= set(krum)
+    assert krum["agree"] is True
+    assert krum["fedcoord_pick"] == krum["flwr_pick"] == krum["expected_pick"]
+
+    section = common.read_section("aggregation", results_md)
+    assert section is not None and "| FedAvg | 1 tensor |" in section and "Machine:" in section
+    text = results_md.read_text()
+    assert text.startswith(common.RESULTS_MD_HEADER + "\n" + other)  # others kept as they were
+    assert text.index("<!-- benchmark:other -->") < text.index("<!-- benchmark:aggregation -->")
+
+
+def test_write_section_replaces_only_its_own_section(tmp_path: Path) -> None:
+    path = tmp_path / "RESULTS.md"
+    common.write_section("a", "## A\n\nfirst", path)
+    common.write_section("b", "## B\n\nsecond", path)
+    before_b = path.read_text().split("<!-- benchmark:b -->")[1]
+    common.write_section("a", "## A\n\nrewritten", path)
+    text = path.read_text()
+    assert common.read_section("a", path) == "## A\n\nrewritten"
+    assert common.read_section("b", path) == "## B\n\nsecond"
+    assert text.split("<!-- benchmark:b -->")[1] == before_b
+    assert text.count("<!-- benchmark:a -->") == 1 and "first" not in text
+    assert text.startswith(common.RESULTS_MD_HEADER)
+
+
+def test_best_of_returns_the_last_result_and_every_run() -> None:
+    calls: list[int] = []
+
+    def work() -> int:
+        calls.append(1)
+        return len(calls)
+
+    timing, result = common.best_of(work, repeats=3, warmup=2)
+    assert len(calls) == 5 and result == 5
+    assert len(timing.runs) == 3 and timing.best == min(timing.runs) <= timing.median
+
+
+def test_layouts_cover_the_parameters_exactly() -> None:
+    for d in (1, 3, 4, 161, 100_000, 10_000_000):
+        layout = aggregation.layered(d)
+        assert layout.size == d
+        flat = np.arange(d, dtype=np.float32)
+        model = layout.model(flat)
+        assert np.array_equal(np.concatenate([a.ravel() for a in model.values()]), flat)
+    assert aggregation.layered(10_000_000).label == "161 tensors"
