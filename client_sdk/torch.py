@@ -40,6 +40,8 @@ from torch import nn
 
 from client_sdk.api import Arrays, Client, Config, EvaluateResult, FitResult
 from client_sdk.errors import ClientError
+from strategies.scaffold import CONTROL as SCAFFOLD_C
+from strategies.scaffold import DELTA_CONTROL as SCAFFOLD_DELTA_C
 
 Batch = tuple[torch.Tensor, torch.Tensor]
 LossFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
@@ -48,8 +50,6 @@ TrainData = Iterable[Batch] | tuple[torch.Tensor, torch.Tensor]
 pair of tensors holding the whole local dataset."""
 
 DEFAULT_BATCH_SIZE = 32
-SCAFFOLD_C = "scaffold.c/"
-SCAFFOLD_DELTA_C = "scaffold.delta_c/"
 GradientCorrection = Callable[[], None]
 """Called after ``backward()`` and before ``optimizer.step()`` to adjust the gradients."""
 

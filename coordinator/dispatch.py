@@ -149,6 +149,13 @@ class Dispatcher:
         self._by_site: dict[str, Assignment] = {}
         self._by_task: dict[str, Assignment] = {}
         self._last_seen: dict[str, float] = {}
+        self._closed = False
+
+    def close(self) -> None:
+        """Release every waiting long-poll now and answer later ones at once (shutdown)."""
+        with self._cond:
+            self._closed = True
+            self._cond.notify_all()
 
     # liveness ----------------------------------------------------------------------
     def touch(self, site_id: str) -> None:
@@ -191,7 +198,7 @@ class Dispatcher:
         """
         end = time.time() + timeout
         with self._cond:
-            while True:
+            while not self._closed:
                 a = self._by_site.get(site_id)
                 if a is not None and site_id not in a.collector.outcomes and not a.collector.closed:
                     return a
@@ -199,6 +206,7 @@ class Dispatcher:
                 if remaining <= 0:
                     return None
                 self._cond.wait(min(remaining, 1.0))
+            return None
 
     def lookup(self, task_id: str, site_id: str) -> Assignment | None:
         """The open assignment ``task_id`` if it belongs to ``site_id``."""

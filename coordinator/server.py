@@ -97,5 +97,6 @@ class Coordinator:
         self.engine.shutdown()
         if self._engine_thread is not None:
             self._engine_thread.join(timeout=30)
+        self.dispatcher.close()  # long-polls return now instead of holding threads
         self.server.stop(grace).wait()
         self.db.close()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import socket
@@ -30,6 +31,29 @@ def wait_for(predicate: Callable[[], object], timeout: float, what: str) -> obje
             return value
         time.sleep(0.1)
     raise AssertionError(f"timed out after {timeout}s waiting for {what}")
+
+
+def fedcoord(*args: str, timeout: float = 300) -> subprocess.CompletedProcess[str]:
+    """Run the ``fedcoord`` command (``python -m simulations.cli``) to its end, output captured."""
+    return subprocess.run(
+        [sys.executable, "-m", "simulations.cli", *args],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
+
+
+def ledger_entries(data_dir: Path) -> list[dict]:
+    """``fedcoord ledger export DIR``, parsed."""
+    done = fedcoord("ledger", "export", str(data_dir), timeout=60)
+    assert done.returncode == 0, done.stderr
+    return [json.loads(line) for line in done.stdout.splitlines()]
+
+
+def rounds_committed(data_dir: Path) -> list[dict]:
+    """The payloads of the ``round_committed`` ledger entries of ``data_dir``."""
+    return [e["payload"] for e in ledger_entries(data_dir) if e["kind"] == "round_committed"]
 
 
 class Processes:

@@ -3,11 +3,10 @@
 from __future__ import annotations
 
 import subprocess
-import sys
 
 import pytest
 
-from tests.conftest import ROOT
+from tests.conftest import fedcoord
 
 BASE = "name: t\nrounds: 2\ntask: {name: digits}\n"
 
@@ -15,22 +14,7 @@ BASE = "name: t\nrounds: 2\ntask: {name: digits}\n"
 def simulate(tmp_path, text: str, *extra: str) -> subprocess.CompletedProcess[str]:
     path = tmp_path / "exp.yaml"
     path.write_text(text)
-    return subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "simulations.cli",
-            "simulate",
-            str(path),
-            "--out",
-            str(tmp_path / "out"),
-            *extra,
-        ],
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
+    return fedcoord("simulate", str(path), "--out", str(tmp_path / "out"), *extra, timeout=120)
 
 
 @pytest.mark.parametrize(
@@ -81,39 +65,15 @@ def test_bad_configuration_exits_2_with_one_line(tmp_path, text, extra, key):
 
 
 def test_missing_file_and_bad_flags_exit_2(tmp_path):
-    missing = subprocess.run(
-        [sys.executable, "-m", "simulations.cli", "simulate", str(tmp_path / "nope.yaml")],
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        timeout=60,
-    )
+    missing = fedcoord("simulate", str(tmp_path / "nope.yaml"), timeout=60)
     assert missing.returncode == 2 and "cannot read experiment file" in missing.stderr
-    bad_flag = subprocess.run(
-        [sys.executable, "-m", "simulations.cli", "simulate", "x.yaml", "--rounds", "3"],
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        timeout=60,
-    )
+    bad_flag = fedcoord("simulate", "x.yaml", "--rounds", "3", timeout=60)
     assert bad_flag.returncode == 2 and len(bad_flag.stderr.strip().splitlines()) == 1
     assert "--rounds" in bad_flag.stderr
-    no_tls = subprocess.run(
-        [sys.executable, "-m", "simulations.cli", "serve", "--data-dir", str(tmp_path / "d")],
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        timeout=60,
-    )
+    no_tls = fedcoord("serve", "--data-dir", str(tmp_path / "d"), timeout=60)
     assert no_tls.returncode == 2 and "--insecure" in no_tls.stderr
 
 
 def test_ledger_verify_on_a_non_data_dir_exits_2(tmp_path):
-    done = subprocess.run(
-        [sys.executable, "-m", "simulations.cli", "ledger", "verify", str(tmp_path)],
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        timeout=60,
-    )
+    done = fedcoord("ledger", "verify", str(tmp_path), timeout=60)
     assert done.returncode == 2 and "not a fedcoord data directory" in done.stderr

@@ -3,24 +3,12 @@
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
 
 import pytest
 
-from tests.conftest import ROOT
+from tests.conftest import fedcoord, ledger_entries, rounds_committed
 
 pytestmark = pytest.mark.slow
-
-
-def fedcoord(*args: str, timeout: float = 300) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [sys.executable, "-m", "simulations.cli", *args],
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        timeout=timeout,
-    )
 
 
 def test_digits_demo_reaches_93_percent_and_writes_the_contract(tmp_path):
@@ -50,8 +38,7 @@ def test_digits_demo_reaches_93_percent_and_writes_the_contract(tmp_path):
     assert (out / "models" / "sha256" / digest[:2] / f"{digest}.safetensors").is_file()
     assert (out / "runs" / summary["run_id"] / "summary.json").is_file()
 
-    export = fedcoord("ledger", "export", str(out))
-    entries = [json.loads(line) for line in export.stdout.splitlines()]
+    entries = ledger_entries(out)
     assert all(
         set(e) == {"seq", "kind", "payload", "prev_hash", "hash", "signature"} for e in entries
     )
@@ -78,10 +65,7 @@ def test_simulation_with_dropouts_commits_with_the_survivors(tmp_path):
         "federation.sampling.min_sites=3",
     )
     assert done.returncode == 0, done.stderr
-    entries = [
-        json.loads(line) for line in fedcoord("ledger", "export", str(out)).stdout.splitlines()
-    ]
-    committed = [e["payload"] for e in entries if e["kind"] == "round_committed"]
+    committed = rounds_committed(out)
     assert len(committed) == 4
     dropped = [d for c in committed for d in c["dropped"]]
     assert dropped and all("simulated dropout" in d["reason"] for d in dropped)

@@ -15,6 +15,7 @@ import numpy as np
 from client_sdk import Client, EvaluateResult, FitResult
 from client_sdk.api import Arrays, Config
 from coordinator.tasks import load_task
+from strategies.scaffold import CONTROL, DELTA_CONTROL
 
 
 class SlowSite(Client):
@@ -50,7 +51,10 @@ class HostileSite(Client):
         self.kind = kind
 
     def fit(self, arrays: Arrays, config: Config) -> FitResult:
-        out = {k: np.array(v, copy=True) for k, v in arrays.items()}
+        out = {k: np.array(v, copy=True) for k, v in arrays.items() if not k.startswith(CONTROL)}
+        for k, v in arrays.items():  # answer SCAFFOLD's control variates as its sites do
+            if k.startswith(CONTROL):
+                out[DELTA_CONTROL + k.removeprefix(CONTROL)] = np.zeros_like(v)
         name = sorted(k for k, v in out.items() if v.dtype.kind == "f")[0]
         if self.kind == "nan":
             out[name].reshape(-1)[0] = np.nan

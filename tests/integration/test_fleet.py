@@ -16,6 +16,7 @@ from coordinator.server import Coordinator
 from coordinator.tasks import load_task
 from protos.codec import encode
 from protos.fedcoord.v1 import common_pb2, control_pb2, control_pb2_grpc, fleet_pb2, fleet_pb2_grpc
+from strategies.registry import STRATEGIES
 from tests.integration.clients import HostileSite
 
 pytestmark = pytest.mark.integration
@@ -50,19 +51,23 @@ def start_sites(coordinator: Coordinator, clients: dict, stop: threading.Event) 
         ).start()
 
 
-def test_poisoned_updates_are_rejected_and_recorded(coordinator):
+@pytest.mark.parametrize("strategy", sorted(STRATEGIES))
+def test_poisoned_updates_are_rejected_and_recorded(coordinator, strategy):
+    """Under every strategy, validation rejects NaN and misshapen updates before they
+    reach the aggregate (robust rules never even see them)."""
     task = load_task("digits", None, {}, 0)
     honest = {f"honest-{i}": task.make_client(i, 3, {"kind": "iid"}, 0) for i in range(3)}
     hostile = {"nan-site": HostileSite("nan"), "shape-site": HostileSite("shape")}
     stop = threading.Event()
     start_sites(coordinator, {**honest, **hostile}, stop)
     try:
-        run = coordinator.engine.submit(EXPERIMENT)
+        run = coordinator.engine.submit(EXPERIMENT + f"strategy: {{name: {strategy}}}\n")
         final = coordinator.engine.execute(run.run_id)
     finally:
         stop.set()
     assert final.status == "finished", final.error
     rounds = [e.payload for e in coordinator.db.ledger_entries() if e.kind == "round_committed"]
+    assert all(entry["strategy"] == strategy for entry in rounds)
     assert len(rounds) == 2
     for entry in rounds:
         assert entry["participants"] == sorted(honest)
