@@ -24,6 +24,7 @@ from client_sdk.errors import ClientError, CoordinatorUnavailable, SiteError
 from protos.codec import PayloadAssembler, encode
 from protos.errors import PayloadError
 from protos.fedcoord.v1 import common_pb2, fleet_pb2, fleet_pb2_grpc
+from strategies.privacy.clipping import CLIENT_CLIP_KEY, clip_update
 
 log = logging.getLogger("fedcoord.site")
 
@@ -172,7 +173,7 @@ class SiteSession:
             return
         finally:
             done.set()
-        reply = self._push_result(h.task_id, result)
+        reply = self._push_result(task, result)
         log.info(
             "site %s round %d: %s on %d examples in %.2fs; %s",
             self.site_id,
@@ -198,13 +199,17 @@ class SiteSession:
             return result
         raise ClientError(f"unknown task kind {task.header.kind}")
 
-    def _push_result(self, task_id: str, result: FitResult | EvaluateResult) -> fleet_pb2.PushReply:
+    def _push_result(self, task: Task, result: FitResult | EvaluateResult) -> fleet_pb2.PushReply:
+        task_id = task.header.task_id
         metrics = {k: float(v) for k, v in result.metrics.items()}
         header = fleet_pb2.ResultHeader(num_examples=int(result.num_examples), metrics=metrics)
         if isinstance(result, EvaluateResult):
             header.metrics["loss"] = float(result.loss)
             return self._push(task_id, header)
-        payload = encode({k: np.asarray(v) for k, v in result.arrays.items()})
+        arrays = {k: np.asarray(v) for k, v in result.arrays.items()}
+        if CLIENT_CLIP_KEY in task.config:  # client-side DP: the update leaves the site clipped
+            arrays = clip_update(arrays, task.arrays, float(task.config[CLIENT_CLIP_KEY]))
+        payload = encode(arrays)
         header.update.CopyFrom(payload.header())
         return self._push(task_id, header, payload.chunks())
 

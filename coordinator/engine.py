@@ -26,7 +26,8 @@ from coordinator.dispatch import Assignment, Dispatcher, RoundCollector
 from coordinator.errors import ConfigError, CoordinatorError, QuorumNotReached, UnknownRun
 from coordinator.experiment import Experiment, parse_experiment
 from coordinator.merkle import merkle_root
-from coordinator.state import Database, RunRow
+from coordinator.privacy import PrivacySession, privacy_summary
+from coordinator.state import Database, RoundRecord, RunRow
 from coordinator.tasks import Task, load_task
 from protos.codec import EncodedPayload, encode
 from protos.fedcoord.v1 import fleet_pb2
@@ -37,6 +38,9 @@ from strategies.validation import UpdateLimits
 log = logging.getLogger("fedcoord.engine")
 
 MAX_ROUND_ATTEMPTS = 3
+CLIENT_CLIP_TOLERANCE = 1e-3
+"""Relative slack on the clip norm for updates sites clipped themselves (float32 rounding);
+the coordinator clips them to exactly ``C`` again before summing."""
 LOST_AFTER_S = 15.0
 """A sampled site silent (no poll, heartbeat or result) this long is counted as dropped."""
 
@@ -63,6 +67,9 @@ class ActiveRun:
     stop: threading.Event
     model: dict[str, np.ndarray]
     payload: EncodedPayload
+    privacy: PrivacySession | None = None
+    stop_reason: str | None = None
+    """Why the run ended before its last round without failing (e.g. budget spent)."""
 
     def halted(self, shutdown: threading.Event) -> bool:
         return self.stop.is_set() or shutdown.is_set()
@@ -74,12 +81,30 @@ class ActiveRun:
         return max(self.exp.federation.sampling.min_sites, self.strategy.min_updates())
 
 
+@dataclass
+class RoundState:
+    """One attempt at a round, from sampling to commit."""
+
+    number: int
+    population: list[str]
+    selected: list[str]
+    collector: RoundCollector
+    rng_state: dict[str, Any]
+    started: float
+
+
 def sample_sites(
-    rng: np.random.Generator, population: list[str], fraction: float, method: str, min_sites: int
+    rng: np.random.Generator,
+    population: list[str],
+    fraction: float,
+    method: str,
+    min_sites: int,
+    redraw: bool = True,
 ) -> list[str]:
     """Sites for one round: ``fixed`` draws round(fraction * n) without replacement;
     ``poisson`` includes each site independently with probability ``fraction``
-    (redrawn while fewer than ``min_sites`` are included)."""
+    (redrawn while fewer than ``min_sites`` are included, unless ``redraw`` is off: DP
+    accounting assumes the plain Poisson draw, whatever its size)."""
     n = len(population)
     if method == "fixed":
         k = min(n, max(min_sites, round(fraction * n)))
@@ -87,8 +112,12 @@ def sample_sites(
         return sorted(population[i] for i in picked)
     while True:
         mask = rng.random(n) < fraction
-        if mask.sum() >= min(min_sites, n):
+        if not redraw or mask.sum() >= min(min_sites, n):
             return sorted(p for p, m in zip(population, mask, strict=True) if m)
+
+
+SITE_PRIVACY_METRICS = frozenset({"epsilon", "delta"})
+"""Site metrics that report local DP spend: not averaged (see :func:`local_dp_record`)."""
 
 
 def weighted_site_metrics(outcomes: Mapping[str, Any]) -> dict[str, float]:
@@ -97,9 +126,27 @@ def weighted_site_metrics(outcomes: Mapping[str, Any]) -> dict[str, float]:
     weights: dict[str, float] = {}
     for o in outcomes.values():
         for name, value in o.metrics.items():
+            if name in SITE_PRIVACY_METRICS:
+                continue
             totals[name] = totals.get(name, 0.0) + value * o.num_examples
             weights[name] = weights.get(name, 0.0) + o.num_examples
     return {f"train_{k}": totals[k] / weights[k] for k in sorted(totals) if weights[k] > 0}
+
+
+def local_dp_record(exp: Experiment, outcomes: Mapping[str, Any]) -> dict[str, Any] | None:
+    """Local DP of a round: the example-level epsilon each site reports (its own claim,
+    from its own accountant) and the largest, at the experiment's ``local_dp.delta``."""
+    local = exp.privacy.local_dp
+    if local is None:
+        return None
+    reported = {s: o.metrics["epsilon"] for s, o in outcomes.items() if "epsilon" in o.metrics}
+    return {
+        "noise_multiplier": local.noise_multiplier,
+        "max_grad_norm": local.max_grad_norm,
+        "delta": local.delta,
+        "site_epsilons": dict(sorted(reported.items())),
+        "max_epsilon": max(reported.values(), default=None),
+    }
 
 
 def progress_line(
@@ -117,6 +164,9 @@ def progress_line(
     for key in ("loss", "accuracy"):
         if key in metrics:
             parts.append(f"{key} {metrics[key]:.4f}")
+    for key, label in (("epsilon", "epsilon"), ("local_epsilon_max", "local epsilon <=")):
+        if key in metrics:
+            parts.append(f"{label} {metrics[key]:.3f}")
     parts.append(f"{seconds:.2f}s")
     return "  ".join(parts)
 
@@ -246,50 +296,81 @@ class RoundEngine:
         exp = parse_experiment(row.experiment, run_id)
         task = load_task(exp.task.name, exp.task.model, exp.task.options, exp.seed)
         strategy = exp.make_strategy()
+        privacy = PrivacySession.start(exp)
         rng = np.random.default_rng(exp.seed)
         resumed = self.db.last_round(run_id)
         if resumed is not None:
-            start, digest, rng_state, state_digest = resumed
-            rng.bit_generator.state = rng_state
-            if state_digest:
-                strategy.load_state(self.db.models.get(state_digest))
+            start, digest = resumed.round, resumed.model_digest
+            rng.bit_generator.state = resumed.rng_state
+            if resumed.strategy_state:
+                strategy.load_state(self.db.models.get(resumed.strategy_state))
+            if privacy is not None and resumed.privacy_state is not None:
+                privacy.load_state(resumed.privacy_state)
         else:
             start, digest = 0, row.model_digest if row.status == "running" else None
         if digest is None:
             model = task.initial_arrays()
             payload = encode(model)
-            self._start(run_id, exp, model, payload)
+            self._start(run_id, exp, model, payload, privacy)
         else:
             model = self.db.models.get(digest)
             payload = encode(model)
             self.emit(run_id, "run_resumed", f"resuming {run_id} after round {start}")
-        run = ActiveRun(run_id, exp, task, strategy, rng, stop, model, payload)
+        run = ActiveRun(run_id, exp, task, strategy, rng, stop, model, payload, privacy)
         for round_no in range(start + 1, exp.rounds + 1):
-            if run.halted(self._shutdown):
+            if run.halted(self._shutdown) or self._budget_spent(run, round_no):
                 break
             self._round_with_retries(run, round_no)
         if self._shutdown.is_set() and not stop.is_set():
             return  # coordinator shutting down: the run stays "running" and resumes on restart
-        self._finish(run_id, "stopped" if stop.is_set() else "finished", None)
+        self._finish(run_id, "stopped" if stop.is_set() else "finished", None, run.stop_reason)
+
+    def _budget_spent(self, run: ActiveRun, round_no: int) -> bool:
+        """Before round ``round_no``: when it would pass ``privacy.dp.epsilon_budget``,
+        record ``budget_exhausted`` and end the run cleanly instead of starting it."""
+        privacy = run.privacy
+        projected = privacy.over_budget() if privacy is not None else None
+        if privacy is None or projected is None:
+            return False
+        spent, budget = privacy.epsilon(), privacy.spec.epsilon_budget
+        run.stop_reason = (
+            f"privacy budget exhausted: round {round_no} would raise epsilon from "
+            f"{spent:.3f} to {projected:.3f}, over the budget of {budget:g} "
+            f"(delta {privacy.delta:.3g})"
+        )
+        self.db.append_ledger("budget_exhausted", {
+            "run_id": run.run_id, "round": round_no, "epsilon": spent,
+            "projected_epsilon": projected, "epsilon_budget": budget, "delta": privacy.delta,
+            "accountant": privacy.spec.accountant,
+        })  # fmt: skip
+        self.emit(run.run_id, "budget_exhausted", run.stop_reason)
+        return True
 
     def _start(
-        self, run_id: str, exp: Experiment, model: dict[str, np.ndarray], payload: EncodedPayload
+        self,
+        run_id: str,
+        exp: Experiment,
+        model: dict[str, np.ndarray],
+        payload: EncodedPayload,
+        privacy: PrivacySession | None,
     ) -> None:
         """Store the initial model and record ``run_started``."""
         self.db.models.put(model, payload.digest)
+        dp = None if privacy is None else privacy.describe()
         with self.db.transaction() as c:
             self.db.set_run_status(c, run_id, "running", model_digest=payload.digest)
             ledger.append(c, self.db.signing_key, "run_started", {
                 "run_id": run_id, "name": exp.name, "config_digest": exp.config_digest(),
                 "experiment": json.loads(exp.canonical_json()), "initial_model": payload.digest,
+                "dp": dp,
             })  # fmt: skip
-        self.emit(
-            run_id,
-            "run_started",
+        message = (
             f"run {run_id} started: {exp.rounds} rounds of {exp.strategy.name} "
-            f"on task {exp.task.name}",
-            {"initial_model": payload.digest},
+            f"on task {exp.task.name}"
         )
+        if privacy is not None:
+            message += f"; {privacy.headline()}"
+        self.emit(run_id, "run_started", message, {"initial_model": payload.digest, "dp": dp})
 
     def _round_with_retries(self, run: ActiveRun, round_no: int) -> None:
         reason = ""
@@ -332,27 +413,33 @@ class RoundEngine:
 
     def _round(self, run: ActiveRun, round_no: int) -> str:
         """Sample, collect and, at quorum, commit one round; the reason it must be redone
-        ("" when committed or halted)."""
+        ("" when committed or halted). Under central DP every round commits with its
+        plain Poisson draw, whatever its size: the noised mean needs no quorum."""
         t0 = time.time()
         sampling = run.exp.federation.sampling
+        privacy = run.privacy
         population = self._await_population(run)
         if not population:
             return ""
-        selected = sample_sites(run.rng, population, sampling.fraction, sampling.method, run.quorum)
+        selected = sample_sites(
+            run.rng, population, sampling.fraction, sampling.method, run.quorum,
+            redraw=privacy is None,
+        )  # fmt: skip
         rng_state = run.rng.bit_generator.state
         strategy = run.strategy
         strategy.begin_round(round_no, len(population))
-        config = canonical_json(
-            {**run.exp.round_config(), **strategy.fit_config(round_no), "round": round_no}
-        )
+        config = canonical_json({
+            **run.exp.round_config(), **strategy.fit_config(round_no),
+            **(privacy.round_config() if privacy else {}), "round": round_no,
+        })  # fmt: skip
         deadline = time.time() + sampling.timeout_s
         reference = strategy.update_reference(run.model)
-        collector = RoundCollector(
-            set(selected),
-            reference,
-            strategy.aggregator(reference, len(selected)),
-            UpdateLimits(run.exp.validation.max_examples, run.exp.validation.max_update_norm),
+        aggregator = (
+            privacy.aggregator(reference, len(population))
+            if privacy is not None
+            else strategy.aggregator(reference, len(selected))
         )
+        collector = RoundCollector(set(selected), reference, aggregator, self._limits(run))
         task_arrays = strategy.task_arrays(run.model)
         task_payload = run.payload if task_arrays is run.model else encode(task_arrays)
         assignments = [
@@ -368,46 +455,65 @@ class RoundEngine:
         if run.halted(self._shutdown):
             return ""
         accepted = len(collector.accepted())
-        if accepted < run.quorum:
+        if privacy is None and accepted < run.quorum:
             return f"{accepted} accepted update(s), the quorum is {run.quorum}"
+        state = RoundState(round_no, population, selected, collector, rng_state, t0)
         try:
-            self._commit(run, round_no, selected, collector, rng_state, t0, time.time() - t0)
+            self._commit(run, state, time.time() - t0)
         except InsufficientUpdates as exc:
             return str(exc)
         return ""
 
-    def _commit(
-        self,
-        run: ActiveRun,
-        round_no: int,
-        selected: list[str],
-        collector: RoundCollector,
-        rng_state: dict[str, Any],
-        t0: float,
-        t_collect: float,
-    ) -> None:
+    @staticmethod
+    def _limits(run: ActiveRun) -> UpdateLimits:
+        """The experiment's update bounds; in client-side DP mode also the clip norm
+        (sites clip before sending; a larger update breaks the protocol)."""
+        validation = run.exp.validation
+        max_norm = validation.max_update_norm
+        privacy = run.privacy
+        if privacy is not None and privacy.spec.mode == "client":
+            bound = privacy.clip_norm * (1 + CLIENT_CLIP_TOLERANCE)
+            max_norm = bound if max_norm is None else min(max_norm, bound)
+        return UpdateLimits(validation.max_examples, max_norm)
+
+    def _commit(self, run: ActiveRun, state: RoundState, t_collect: float) -> None:
         """Aggregate, evaluate, store the model, then commit round row + ledger entry."""
+        collector, round_no = state.collector, state.number
         accepted = collector.accepted()
         new_model = run.strategy.apply(run.model, collector.aggregator)
+        dp = None
+        if run.privacy is not None:  # the noised mean was drawn in apply: account for it
+            dp = run.privacy.after_round(collector.aggregator)  # type: ignore[arg-type]
         t_eval = time.time()
-        metrics = {**run.task.central_evaluate(new_model), **weighted_site_metrics(accepted)}
+        metrics = run.task.central_evaluate(new_model)
         t_eval = time.time() - t_eval
+        if dp is None:  # site-reported training metrics are not privatised: not under DP
+            metrics.update(weighted_site_metrics(accepted))
+        else:
+            metrics["epsilon"] = dp["epsilon"]
+        local_dp = local_dp_record(run.exp, accepted)
+        if local_dp is not None and local_dp["max_epsilon"] is not None:
+            metrics["local_epsilon_max"] = local_dp["max_epsilon"]
         payload = encode(new_model)
         self.db.models.put(new_model, payload.digest)
         state_digest = self._store(run.strategy.state())
         outcome = collector.summary()
         updates = {s: o.digest for s, o in accepted.items()}
-        seconds = time.time() - t0
+        seconds = time.time() - state.started
+        record = RoundRecord(
+            round_no, payload.digest, run.payload.digest, metrics, outcome["participants"],
+            state.rng_state, state_digest,
+            None if run.privacy is None else run.privacy.state(),
+        )  # fmt: skip
         entry = self.db.commit_round(
-            run.run_id, round_no, payload.digest, run.payload.digest, metrics,
-            outcome["participants"], rng_state, state_digest,
+            run.run_id, record,
             {
                 "run_id": run.run_id, "round": round_no, "input_model": run.payload.digest,
                 "output_model": payload.digest, "config_digest": run.exp.config_digest(),
                 "strategy": run.exp.strategy.name, "strategy_state": state_digest,
-                "sampled": selected, **outcome,
+                "sampled": state.selected, **outcome,
                 "update_digests": updates, "merkle_root": merkle_root(updates),
-                "metrics": metrics, "dp": None, "secure_aggregation": "off",
+                "metrics": metrics, "dp": dp, "local_dp": local_dp, "secure_aggregation": "off",
                 "timings": {"collect_s": round(t_collect, 4), "evaluate_s": round(t_eval, 4),
                             "total_s": round(seconds, 4)},
             },
@@ -416,7 +522,7 @@ class RoundEngine:
         self.emit(
             run.run_id,
             "round_committed",
-            progress_line(run.exp, round_no, len(selected), len(accepted), metrics, seconds),
+            progress_line(run.exp, round_no, len(state.selected), len(accepted), metrics, seconds),
             {"round": round_no, "metrics": metrics, "model": payload.digest,
              "ledger_seq": entry.seq, "dropped": outcome["dropped"],
              "rejected": outcome["rejected"]},
@@ -442,25 +548,30 @@ class RoundEngine:
                 break
         collector.close()
 
-    def _finish(self, run_id: str, status: str, error: str | None) -> None:
+    def _finish(
+        self, run_id: str, status: str, error: str | None, stop_reason: str | None = None
+    ) -> None:
         row = self.db.run(run_id)
         if row is not None:
-            self._conclude(row, status, error)
+            self._conclude(row, status, error, stop_reason)
 
-    def _conclude(self, row: RunRow, status: str, error: str | None) -> None:
+    def _conclude(
+        self, row: RunRow, status: str, error: str | None, stop_reason: str | None = None
+    ) -> None:
         """End a run: ledger entry, status, summary and the ``run_finished`` event commit
         together, so a reader never sees a finished run without its final event."""
         run_id = row.run_id
         message = f"run {run_id} {status} after {row.rounds_completed} round(s)"
-        if error:
-            message += f": {error}"
-        data = {"status": status, "error": error}
+        if error or stop_reason:
+            message += f": {error or stop_reason}"
+        data = {"status": status, "error": error, "stop_reason": stop_reason}
         with self.db.transaction() as c:
             entry = ledger.append(c, self.db.signing_key, "run_finished", {
-                "run_id": run_id, "status": status, "error": error,
+                "run_id": run_id, "status": status, "error": error, "stop_reason": stop_reason,
                 "rounds_completed": row.rounds_completed, "final_model": row.model_digest,
             })  # fmt: skip
-            text = json.dumps(self.summary(run_id, status, entry.hash), indent=2)
+            summary = self.summary(run_id, status, entry.hash, stop_reason)
+            text = json.dumps(summary, indent=2)
             self.db.set_run_status(c, run_id, status, error=error, summary=text)
             seq = self.db.add_event(run_id, "run_finished", message, data, conn=c)
         run_dir = self.db.data_dir / "runs" / run_id
@@ -470,21 +581,27 @@ class RoundEngine:
             (self.db.data_dir / "summary.json").write_text(text + "\n")
         self._announce(RunEvent(run_id, seq, "run_finished", message, data, time.time()))
 
-    def summary(self, run_id: str, status: str, ledger_head: str) -> dict[str, Any]:
-        """The ``summary.json`` contract of DESIGN.md (plus ``status``)."""
+    def summary(
+        self, run_id: str, status: str, ledger_head: str, stop_reason: str | None = None
+    ) -> dict[str, Any]:
+        """The ``summary.json`` contract of DESIGN.md (plus ``status`` and
+        ``stop_reason``)."""
         row = self.db.run(run_id)
         if row is None:
             raise UnknownRun(f"no run {run_id!r}")
         history = self.db.history(run_id)
+        last = self.db.last_round(run_id)
+        exp = parse_experiment(row.experiment, run_id)
         return {
             "run_id": run_id,
             "name": row.name,
             "status": status,
+            "stop_reason": stop_reason,
             "rounds_completed": row.rounds_completed,
             "final_model": row.model_digest,
             "ledger_head": ledger_head,
             "metrics": {k: v for k, v in history[-1].items() if k != "round"} if history else {},
             "history": history,
-            "privacy": None,
+            "privacy": privacy_summary(exp, last.privacy_state if last else None, history),
             "secure_aggregation": False,
         }

@@ -188,11 +188,7 @@ class SecureAggregation(Spec):
         return value
 
 
-_REFUSED = {
-    "dp": "differential privacy",
-    "local_dp": "local differential privacy (DP-SGD at the sites)",
-    "mlflow": "mlflow export",
-}
+_REFUSED = {"mlflow": "mlflow export"}
 
 
 def _refuse_unless_none(value: Any, info: ValidationInfo) -> None:
@@ -202,14 +198,85 @@ def _refuse_unless_none(value: Any, info: ValidationInfo) -> None:
     return None
 
 
+Probability = Annotated[float, Field(gt=0, lt=1)]
+Positive = Annotated[float, Field(gt=0)]
+
+
+class AdaptiveClippingSpec(Spec):
+    """Adaptive clipping (Andrew et al. 2021): ``C`` follows the ``target_quantile`` of
+    the update norms, moved geometrically by ``learning_rate`` with a noised count of
+    unclipped updates (std ``count_stddev``; default ``m / 20``)."""
+
+    target_quantile: Probability = 0.5
+    learning_rate: Positive = 0.2
+    count_stddev: Positive | None = None
+
+
+class CentralDP(Spec):
+    """User-level DP of the published models: clipping, noise, accountant and budget.
+
+    ``central``: the coordinator clips every update to ``clip_norm`` and adds the
+    noise. ``client``: sites clip (the round config carries ``dp_clip_norm``) and the
+    coordinator adds the noise to the sum it sees (the mode secure aggregation needs).
+    Exactly one of ``noise_multiplier`` and ``target_epsilon`` (the coordinator then
+    searches the multiplier that spends it over ``rounds``).
+    """
+
+    mode: Literal["central", "client"] = "central"
+    noise_multiplier: Positive | None = None
+    target_epsilon: Positive | None = None
+    clip_norm: Positive = 1.0
+    adaptive_clipping: AdaptiveClippingSpec | None = None
+    delta: Probability | None = None
+    epsilon_budget: Positive | None = None
+    accountant: Literal["rdp", "prv"] = "rdp"
+
+    @model_validator(mode="after")
+    def _consistent(self) -> CentralDP:
+        if (self.noise_multiplier is None) == (self.target_epsilon is None):
+            raise KeyedError(
+                "noise_multiplier", "give exactly one of noise_multiplier and target_epsilon"
+            )
+        if self.adaptive_clipping is not None and self.mode == "client":
+            raise KeyedError("adaptive_clipping", "needs mode: central (sites clip in client mode)")
+        if (
+            self.target_epsilon is not None
+            and self.epsilon_budget is not None
+            and self.target_epsilon > self.epsilon_budget
+        ):
+            raise KeyedError("target_epsilon", f"exceeds epsilon_budget ({self.epsilon_budget})")
+        return self
+
+
+class LocalDP(Spec):
+    """Example-level DP-SGD at every site (Opacus): per-sample clipping to
+    ``max_grad_norm``, noise ``noise_multiplier``, Poisson-sampled batches; each site
+    accounts its own spend at ``delta`` and refuses to train past ``epsilon_budget``."""
+
+    noise_multiplier: Positive
+    max_grad_norm: Positive = 1.0
+    delta: Probability = 1e-5
+    epsilon_budget: Positive | None = None
+    accountant: Literal["rdp", "prv"] = "rdp"
+
+    def round_config(self) -> dict[str, bool | int | float | str]:
+        config: dict[str, bool | int | float | str] = {
+            "local_dp_noise_multiplier": self.noise_multiplier,
+            "local_dp_max_grad_norm": self.max_grad_norm,
+            "local_dp_delta": self.delta,
+            "local_dp_accountant": self.accountant,
+        }
+        if self.epsilon_budget is not None:
+            config["local_dp_epsilon_budget"] = self.epsilon_budget
+        return config
+
+
 class Privacy(Spec):
-    """Privacy settings; only the all-off configuration is accepted in this version."""
+    """Differential privacy (central and/or local) and secure aggregation."""
 
-    dp: None = None
-    local_dp: None = None
+    dp: CentralDP | None = None
+    local_dp: LocalDP | None = None
     secure_aggregation: SecureAggregation = SecureAggregation()
-
-    _no_dp = field_validator("dp", "local_dp", mode="before")(_refuse_unless_none)
 
 
 class Simulation(Spec):
@@ -265,6 +332,30 @@ class Experiment(Spec):
         return self
 
     @model_validator(mode="after")
+    def _dp_is_honourable(self) -> Experiment:
+        dp = self.privacy.dp
+        if dp is None:
+            return self
+        if self.federation.sampling.method != "poisson":
+            raise KeyedError(
+                "federation.sampling.method",
+                "privacy.dp needs poisson sampling (the accountant assumes each site "
+                "joins a round independently with probability federation.sampling.fraction)",
+            )
+        if not self.make_strategy().supports_dp:
+            raise KeyedError(
+                "strategy.name",
+                f"{self.strategy.name} cannot run under privacy.dp (its rule needs the "
+                "individual updates); use fedavg, fedavgm, fedprox, fedadam, fedyogi or fedadagrad",
+            )
+        bound = 1.0 / self.federation.sites
+        if dp.delta is not None and dp.delta >= bound:
+            raise KeyedError(
+                "privacy.dp.delta", f"must be < 1/federation.sites = {bound:.3g} (got {dp.delta})"
+            )
+        return self
+
+    @model_validator(mode="after")
     def _strategy_fits_federation(self) -> Experiment:
         need = self.make_strategy().min_updates()
         if need > self.federation.sites:
@@ -301,7 +392,7 @@ class Experiment(Spec):
     def round_config(self) -> dict[str, bool | int | float | str]:
         """The flat configuration sites receive with every fit task."""
         opt = self.training.optimizer
-        return {
+        config: dict[str, bool | int | float | str] = {
             "local_epochs": self.training.local_epochs,
             "batch_size": self.training.batch_size,
             "optimizer": opt.name,
@@ -310,6 +401,9 @@ class Experiment(Spec):
             "weight_decay": opt.weight_decay,
             "seed": self.seed,
         }
+        if self.privacy.local_dp is not None:
+            config.update(self.privacy.local_dp.round_config())
+        return config
 
 
 # validation errors -> one ConfigError -----------------------------------------------------

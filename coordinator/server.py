@@ -77,6 +77,7 @@ class Coordinator:
             raise OSError(f"cannot listen on {address}")
         self.address = f"{address.rsplit(':', 1)[0]}:{self.port}"
         self._engine_thread: threading.Thread | None = None
+        self._stopped = False
 
     def start(self, *, run_engine: bool = True) -> None:
         """Start serving; with ``run_engine`` also run queued runs in a background thread."""
@@ -91,7 +92,11 @@ class Coordinator:
         log.info("coordinator listening on %s (data dir %s)", self.address, self.db.data_dir)
 
     def stop(self, grace: float = 2.0) -> None:
-        """Graceful stop: no new rounds, in-flight RPCs get ``grace`` seconds, state closed."""
+        """Graceful stop: no new rounds, in-flight RPCs get ``grace`` seconds, state closed.
+        Stopping again does nothing."""
+        if self._stopped:
+            return
+        self._stopped = True
         for name in ("", *SERVICES):
             self.health.set(name, health_pb2.HealthCheckResponse.NOT_SERVING)
         self.engine.shutdown()

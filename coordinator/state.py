@@ -32,7 +32,7 @@ CREATE TABLE IF NOT EXISTS rounds(
     run_id TEXT NOT NULL, round INTEGER NOT NULL, model_digest TEXT NOT NULL,
     parent_digest TEXT NOT NULL, metrics TEXT NOT NULL, participants TEXT NOT NULL,
     rng_state TEXT NOT NULL, strategy_state TEXT, ledger_seq INTEGER NOT NULL,
-    committed REAL NOT NULL,
+    committed REAL NOT NULL, privacy_state TEXT,
     PRIMARY KEY(run_id, round));
 CREATE TABLE IF NOT EXISTS sites(
     site_id TEXT PRIMARY KEY, status TEXT NOT NULL, enrolled REAL NOT NULL,
@@ -47,6 +47,9 @@ CREATE TABLE IF NOT EXISTS events(
 
 RUN_ACTIVE = ("queued", "running")
 
+ADDED_COLUMNS = {"rounds": {"privacy_state": "TEXT"}}
+"""Columns newer than some data directories: added on open when missing."""
+
 
 @dataclass(frozen=True)
 class RunRow:
@@ -60,6 +63,21 @@ class RunRow:
     model_digest: str | None
     summary: str | None
     error: str | None
+
+
+@dataclass(frozen=True)
+class RoundRecord:
+    """What a committed round leaves for a resume: its model, the sampling RNG state,
+    the strategy state (a digest in the model store) and the privacy state (JSON)."""
+
+    round: int
+    model_digest: str
+    parent_digest: str
+    metrics: dict[str, Any]
+    participants: list[str]
+    rng_state: dict[str, Any]
+    strategy_state: str | None = None
+    privacy_state: dict[str, Any] | None = None
 
 
 _RUN_COLUMNS = (
@@ -84,6 +102,14 @@ class Database:
         self._conn.execute("PRAGMA synchronous=FULL")
         self._conn.execute("PRAGMA foreign_keys=ON")
         self._conn.executescript(SCHEMA)
+        self._add_missing_columns()
+
+    def _add_missing_columns(self) -> None:
+        for table, columns in ADDED_COLUMNS.items():
+            have = {row[1] for row in self._conn.execute(f"PRAGMA table_info({table})")}
+            for name, kind in columns.items():
+                if name not in have:
+                    self._conn.execute(f"ALTER TABLE {table} ADD COLUMN {name} {kind}")
 
     def close(self) -> None:
         with self._lock:
@@ -149,56 +175,58 @@ class Database:
 
     # rounds ----------------------------------------------------------------------
     def commit_round(
-        self,
-        run_id: str,
-        round_no: int,
-        model_digest: str,
-        parent_digest: str,
-        metrics: dict[str, Any],
-        participants: list[str],
-        rng_state: dict[str, Any],
-        strategy_state: str | None,
-        ledger_payload: dict[str, Any],
+        self, run_id: str, record: RoundRecord, ledger_payload: dict[str, Any]
     ) -> ledger.Entry:
         """Atomically record a finished round; the model file must already be stored."""
         now = time.time()
+        privacy = None if record.privacy_state is None else json.dumps(record.privacy_state)
         with self.transaction() as c:
             entry = ledger.append(c, self.signing_key, "round_committed", ledger_payload)
             c.execute(
                 "INSERT INTO rounds(run_id, round, model_digest, parent_digest, metrics,"
-                " participants, rng_state, strategy_state, ledger_seq, committed)"
-                " VALUES (?,?,?,?,?,?,?,?,?,?)",
+                " participants, rng_state, strategy_state, privacy_state, ledger_seq,"
+                " committed) VALUES (?,?,?,?,?,?,?,?,?,?,?)",
                 (
                     run_id,
-                    round_no,
-                    model_digest,
-                    parent_digest,
-                    json.dumps(metrics),
-                    json.dumps(participants),
-                    json.dumps(rng_state),
-                    strategy_state,
+                    record.round,
+                    record.model_digest,
+                    record.parent_digest,
+                    json.dumps(record.metrics),
+                    json.dumps(record.participants),
+                    json.dumps(record.rng_state),
+                    record.strategy_state,
+                    privacy,
                     entry.seq,
                     now,
                 ),
             )
             c.execute(
                 "UPDATE runs SET rounds_completed=?, model_digest=?, updated=? WHERE run_id=?",
-                (round_no, model_digest, now, run_id),
+                (record.round, record.model_digest, now, run_id),
             )
         return entry
 
-    def last_round(self, run_id: str) -> tuple[int, str, dict[str, Any], str | None] | None:
-        """(round, model digest, rng state, strategy state digest) of the run's last
-        committed round."""
+    def last_round(self, run_id: str) -> RoundRecord | None:
+        """The run's last committed round."""
         rows = self.query(
-            "SELECT round, model_digest, rng_state, strategy_state FROM rounds WHERE run_id=?"
+            "SELECT round, model_digest, parent_digest, metrics, participants, rng_state,"
+            " strategy_state, privacy_state FROM rounds WHERE run_id=?"
             " ORDER BY round DESC LIMIT 1",
             (run_id,),
         )
         if not rows:
             return None
-        round_no, digest, rng_state, state = rows[0]
-        return round_no, digest, json.loads(rng_state), state
+        round_no, digest, parent, metrics, participants, rng, strategy, privacy = rows[0]
+        return RoundRecord(
+            round_no,
+            digest,
+            parent,
+            json.loads(metrics),
+            json.loads(participants),
+            json.loads(rng),
+            strategy,
+            None if privacy is None else json.loads(privacy),
+        )
 
     def history(self, run_id: str) -> list[dict[str, Any]]:
         rows = self.query(

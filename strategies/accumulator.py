@@ -142,11 +142,19 @@ class WeightedDeltaMean:
         self.total_weight += w
         self.count += 1
 
-    def mean(self) -> dict[str, np.ndarray]:
-        """The weighted mean delta, each tensor in its own dtype and shape."""
-        if self.count == 0 or self.total_weight <= 0.0:
-            raise ValueError("no updates were aggregated")
-        inv = 1.0 / self.total_weight
+    def mean(self, denominator: float | None = None) -> dict[str, np.ndarray]:
+        """The weighted mean delta, each tensor in its own dtype and shape.
+
+        ``denominator`` replaces the total weight (a fixed-denominator mean, as central
+        DP needs); with it, no updates give zeros instead of an error.
+        """
+        if denominator is None:
+            if self.count == 0 or self.total_weight <= 0.0:
+                raise ValueError("no updates were aggregated")
+            denominator = self.total_weight
+        if not denominator > 0.0:
+            raise ValueError(f"denominator must be > 0, got {denominator}")
+        inv = 1.0 / float(denominator)
         out: dict[str, np.ndarray] = {}
         for name, sl in self._float_slices.items():
             ref = self.reference[name]

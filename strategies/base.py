@@ -51,6 +51,9 @@ class Strategy(ABC):
 
     name: ClassVar[str] = "strategy"
     Params: ClassVar[type[BaseModel]] = NoParams
+    supports_dp: ClassVar[bool] = False
+    """Whether the rule works on a mean delta alone (``aggregator.mean()``), so central DP
+    can hand it a clipped, noised mean instead."""
 
     def __init__(self, params: BaseModel | None = None):
         self.params = params if params is not None else self.Params()

@@ -11,6 +11,8 @@ from strategies.base import Arrays, Strategy, add_delta
 class FedAvg(Strategy):
     """Streams updates into one weighted mean; O(model) memory for any number of sites."""
 
+    supports_dp = True
+
     name = "fedavg"
 
     def aggregator(self, reference: Arrays, expected: int) -> WeightedDeltaMean:

@@ -82,6 +82,8 @@ class ServerOptimizer(Strategy):
     int64 array counting applied rounds).
     """
 
+    supports_dp = True
+
     buffers: ClassVar[tuple[str, ...]] = ()
 
     def __init__(self, params: BaseModel | None = None):

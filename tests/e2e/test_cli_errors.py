@@ -26,7 +26,11 @@ def simulate(tmp_path, text: str, *extra: str) -> subprocess.CompletedProcess[st
         (BASE + "federation: {partition: {kind: random}}\n", (), "federation.partition.kind"),
         (BASE.replace("rounds: 2", "rounds: many"), (), "rounds:"),
         ("name: t\ntask: {name: digits}\n", (), "rounds: required key is missing"),
-        (BASE + "privacy: {dp: {mode: central}}\n", (), "privacy.dp: differential privacy"),
+        (
+            BASE + "privacy: {dp: {noise_multiplier: 1.0}}\n",
+            (),
+            "federation.sampling.method: privacy.dp needs poisson sampling",
+        ),
         (
             BASE + "privacy: {secure_aggregation: {enabled: true}}\n",
             (),

@@ -289,9 +289,6 @@ def test_validation_bounds_parse_and_are_checked():
 @pytest.mark.parametrize(
     "text, key, what",
     [
-        (BASE + "privacy: {dp: {mode: central}}\n", "privacy.dp", "differential privacy"),
-        (BASE + "privacy: {dp: {}}\n", "privacy.dp", "differential privacy"),
-        (BASE + "privacy: {local_dp: {epsilon: 1}}\n", "privacy.local_dp", "local differential"),
         (
             BASE + "privacy: {secure_aggregation: {enabled: true}}\n",
             "privacy.secure_aggregation.enabled",
@@ -306,6 +303,78 @@ def test_features_of_later_versions_are_refused_not_ignored(text, key, what):
     err = error_of(text)
     assert err.key == key
     assert err.message.startswith(what) and "not available in this version" in err.message
+
+
+POISSON = "federation: {sampling: {method: poisson, fraction: 0.5}}\n"
+
+
+def test_central_dp_parses_with_defaults():
+    exp = parse_experiment(BASE + POISSON + "privacy: {dp: {noise_multiplier: 1.1}}\n")
+    dp = exp.privacy.dp
+    assert dp is not None and (dp.mode, dp.clip_norm, dp.accountant) == ("central", 1.0, "rdp")
+    assert dp.delta is None and dp.epsilon_budget is None and dp.adaptive_clipping is None
+
+
+@pytest.mark.parametrize(
+    "text, key, message",
+    [
+        (
+            BASE + "privacy: {dp: {noise_multiplier: 1}}\n",
+            "federation.sampling.method",
+            "privacy.dp needs poisson sampling",
+        ),
+        (
+            BASE + POISSON + "privacy: {dp: {}}\n",
+            "privacy.dp.noise_multiplier",
+            "give exactly one of noise_multiplier and target_epsilon",
+        ),
+        (
+            BASE + POISSON + "privacy: {dp: {noise_multiplier: 1, target_epsilon: 2}}\n",
+            "privacy.dp.noise_multiplier",
+            "give exactly one",
+        ),
+        (
+            BASE + POISSON + "strategy: {name: krum}\nprivacy: {dp: {noise_multiplier: 1}}\n",
+            "strategy.name",
+            "krum cannot run under privacy.dp",
+        ),
+        (
+            BASE + POISSON + "privacy: {dp: {noise_multiplier: 1, delta: 0.5}}\n",
+            "privacy.dp.delta",
+            "must be < 1/federation.sites",
+        ),
+        (
+            BASE
+            + POISSON
+            + "privacy: {dp: {noise_multiplier: 1, mode: client, adaptive_clipping: {}}}\n",
+            "privacy.dp.adaptive_clipping",
+            "needs mode: central",
+        ),
+        (
+            BASE + POISSON + "privacy: {dp: {target_epsilon: 5, epsilon_budget: 3}}\n",
+            "privacy.dp.target_epsilon",
+            "exceeds epsilon_budget",
+        ),
+        (
+            BASE + POISSON + "privacy: {dp: {noise_multiplier: 1, accountant: gdp}}\n",
+            "privacy.dp.accountant",
+            "must be one of: rdp, prv",
+        ),
+        (BASE + "privacy: {local_dp: {}}\n", "privacy.local_dp.noise_multiplier", "required"),
+    ],
+)
+def test_dp_settings_that_cannot_be_honoured_are_refused(text, key, message):
+    err = error_of(text)
+    assert err.key == key and message in err.message
+
+
+def test_local_dp_reaches_the_round_config():
+    exp = parse_experiment(
+        BASE + "privacy: {local_dp: {noise_multiplier: 0.8, epsilon_budget: 5}}\n"
+    )
+    config = exp.round_config()
+    assert config["local_dp_noise_multiplier"] == 0.8 and config["local_dp_epsilon_budget"] == 5
+    assert config["local_dp_max_grad_norm"] == 1.0 and config["local_dp_accountant"] == "rdp"
 
 
 def test_yaml_syntax_errors_give_the_line():
