@@ -15,3 +15,7 @@ class TaskRejected(SiteError):
 
 class ClientError(SiteError):
     """The site's own Client raised or returned something unusable."""
+
+
+class LocalBudgetExhausted(ClientError):
+    """A fit would take the site's local DP epsilon past its budget; nothing was trained."""

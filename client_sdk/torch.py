@@ -24,6 +24,9 @@ server control variates as ``scaffold.c/<tensor>`` next to the model, each gradi
 corrected by ``c - c_i`` and the result carries ``scaffold.delta_c/<tensor>``. The
 site's own variate ``c_i`` persists across rounds, and across restarts when the client
 has a ``state_path``.
+
+Local DP-SGD (Opacus) is driven by the round config's ``local_dp_*`` keys; see
+:mod:`client_sdk.local_dp`. Its spend persists in ``<state_path>.dp.json``.
 """
 
 from __future__ import annotations
@@ -40,6 +43,7 @@ from torch import nn
 
 from client_sdk.api import Arrays, Client, Config, EvaluateResult, FitResult
 from client_sdk.errors import ClientError
+from client_sdk.local_dp import LocalPrivacy, noisy_step
 from strategies.scaffold import CONTROL as SCAFFOLD_C
 from strategies.scaffold import DELTA_CONTROL as SCAFFOLD_DELTA_C
 
@@ -52,6 +56,14 @@ pair of tensors holding the whole local dataset."""
 DEFAULT_BATCH_SIZE = 32
 GradientCorrection = Callable[[], None]
 """Called after ``backward()`` and before ``optimizer.step()`` to adjust the gradients."""
+Step = Callable[[torch.optim.Optimizer, list[GradientCorrection]], None]
+"""Applies the corrections and updates the parameters (differently under local DP)."""
+
+
+def _step(optimizer: torch.optim.Optimizer, corrections: list[GradientCorrection]) -> None:
+    for correct in corrections:
+        correct()
+    optimizer.step()
 
 
 def arrays_from_module(module: nn.Module) -> dict[str, np.ndarray]:
@@ -295,7 +307,8 @@ class TorchClient(Client):
         Seed of the shuffling of a ``(x, y)`` pair.
     state_path
         Where the site's SCAFFOLD control variate is kept between runs of the site
-        (a safetensors file); ``None`` keeps it in memory only.
+        (a safetensors file; the local DP spend goes to ``<state_path>.dp.json``);
+        ``None`` keeps them in memory only.
     """
 
     def __init__(
@@ -314,39 +327,65 @@ class TorchClient(Client):
         self._train = self._on_device(train_data)
         self._test = None if test_data is None else self._on_device(test_data)
         self._generator = torch.Generator().manual_seed(seed)
+        self._privacy = LocalPrivacy(None)
         self.use_state_file(state_path)
 
     def use_state_file(self, state_path: str | Path | None) -> None:
-        """Keep the site's SCAFFOLD variate in ``state_path`` (loaded now if present)."""
+        """Keep the site's SCAFFOLD variate in ``state_path`` and its local DP spend in
+        ``<state_path>.dp.json`` (both loaded now if present)."""
+        if self._privacy.engine is not None:
+            raise ClientError("the state file cannot change once local DP training has started")
         self.state_path = Path(state_path) if state_path is not None else None
         self._c_local = self._load_control()
+        self._privacy = LocalPrivacy(self.state_path)
 
     def fit(self, arrays: Arrays, config: Config) -> FitResult:
         """Load ``arrays``, train ``local_epochs`` epochs, return the trained model.
 
-        ``num_examples`` is the number of examples in one epoch; the metrics ``loss`` and
-        ``accuracy`` are over the last epoch.
+        ``num_examples`` is the number of examples in one epoch (the local dataset size
+        under local DP); the metrics ``loss`` and ``accuracy`` are over the last epoch,
+        plus ``epsilon`` and ``delta`` under local DP.
+
+        Raises
+        ------
+        LocalBudgetExhausted
+            Before anything is loaded or trained, when the fit would pass the site's
+            local DP budget.
         """
         model_arrays = {k: v for k, v in arrays.items() if not k.startswith(SCAFFOLD_C)}
         control = {
             k.removeprefix(SCAFFOLD_C): v for k, v in arrays.items() if k.startswith(SCAFFOLD_C)
         }
-        load_arrays(self.model, model_arrays)
         settings = FitSettings.from_config(config)
+        if control and settings.optimizer != "sgd":
+            raise ClientError("SCAFFOLD needs the sgd optimizer")
+        dp = self._privacy.plan(
+            config, self.model, self._train, settings.batch_size, settings.local_epochs, self.device
+        )
+        load_arrays(self.model, model_arrays)
         optimizer = _make_optimizer(self.model.parameters(), settings)
+        step: Step = _step
+        if dp is not None:
+            optimizer, step = dp.optimizer(optimizer, settings.batch_size), noisy_step
         corrections = self._corrections(settings, control)
         self.model.train()
         steps = 0
         for _ in range(settings.local_epochs):
-            stats, n = self._train_epoch(optimizer, settings.batch_size, corrections)
+            if dp is None:
+                batches = self._batches(self._train, settings.batch_size, shuffle=True)
+            else:
+                batches = dp.batches()
+            stats, n = self._train_epoch(optimizer, batches, corrections, step)
             steps += n
         result = arrays_from_module(self.model)
         if control:
-            if settings.optimizer != "sgd":
-                raise ClientError("SCAFFOLD needs the sgd optimizer")
             step_size = settings.lr / (1.0 - settings.momentum)  # heavy-ball effective step
             result.update(self._scaffold_deltas(model_arrays, control, steps, step_size))
-        return FitResult(result, stats.num_examples, stats.metrics())
+        metrics, num_examples = stats.metrics(), stats.num_examples
+        if dp is not None:
+            metrics.update(dp.finish())
+            num_examples = dp.num_examples
+        return FitResult(result, num_examples, metrics)
 
     def evaluate(self, arrays: Arrays, config: Config) -> EvaluateResult:
         """Loss and accuracy of ``arrays`` on the test data (or the training data)."""
@@ -362,21 +401,25 @@ class TorchClient(Client):
     def _train_epoch(
         self,
         optimizer: torch.optim.Optimizer,
-        batch_size: int,
+        batches: Iterable[Batch],
         corrections: list[GradientCorrection],
+        step: Step,
     ) -> tuple[EvalStats, int]:
-        """One pass over the local data; the stats and the number of optimizer steps."""
+        """One pass over ``batches``; the stats and the number of optimizer steps.
+
+        An empty batch (Poisson sampling can draw one) still takes its step, noise only
+        under local DP, and is left out of the stats.
+        """
         tally = _Tally()
         steps = 0
-        for x, y in self._batches(self._train, batch_size, shuffle=True):
+        for x, y in batches:
             optimizer.zero_grad(set_to_none=False)
             outputs = self.model(x)
             loss = self.loss_fn(outputs, y)
             loss.backward()
-            for correct in corrections:
-                correct()
-            optimizer.step()
-            tally.add(loss, outputs, y)
+            step(optimizer, corrections)
+            if len(y):
+                tally.add(loss, outputs, y)
             steps += 1
         return tally.result(), steps
 

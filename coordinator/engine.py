@@ -487,10 +487,10 @@ class RoundEngine:
         t_eval = time.time()
         metrics = run.task.central_evaluate(new_model)
         t_eval = time.time() - t_eval
-        if dp is None:  # site-reported training metrics are not privatised: not under DP
-            metrics.update(weighted_site_metrics(accepted))
-        else:
+        if dp is not None:
             metrics["epsilon"] = dp["epsilon"]
+        elif run.exp.privacy.local_dp is None:  # site training metrics are not privatised
+            metrics.update(weighted_site_metrics(accepted))
         local_dp = local_dp_record(run.exp, accepted)
         if local_dp is not None and local_dp["max_epsilon"] is not None:
             metrics["local_epsilon_max"] = local_dp["max_epsilon"]

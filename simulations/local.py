@@ -66,7 +66,12 @@ def simulate(exp: Experiment, out_dir: Path, stream: TextIO = sys.stdout) -> dic
     if (out_dir / "ledger.db").exists():
         raise ConfigError("--out", f"{out_dir} already holds a run; choose another directory")
     coordinator = Coordinator(
-        out_dir, "127.0.0.1:0", open_enrollment=True, write_summary_to_data_dir=True
+        out_dir,
+        "127.0.0.1:0",
+        open_enrollment=True,
+        write_summary_to_data_dir=True,
+        # every simulated site holds a long-poll open: one server thread each, plus spare
+        max_workers=max(256, exp.federation.sites + 64),
     )
     coordinator.engine.add_listener(printer(stream))
     ctx = mp.get_context("spawn")
