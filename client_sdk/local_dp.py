@@ -59,6 +59,7 @@ Opacus is imported on the first DP fit only (it adds seconds to an import).
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import math
@@ -195,6 +196,17 @@ def noisy_step(optimizer: torch.optim.Optimizer, corrections: list[Callable[[], 
         optimizer.original_optimizer.step()
 
 
+@functools.cache
+def _warn_once() -> None:
+    """Say once per process what local DP noise is made of, and silence torch's
+    harmless warning about Opacus' backward hooks on the input layer."""
+    log.warning(
+        "local DP: noise and sampling use torch's generator seeded from os.urandom, "
+        "not a CSPRNG (Opacus secure_mode needs torchcsprng)"
+    )
+    warnings.filterwarnings("ignore", message="Full backward hook is firing", category=UserWarning)
+
+
 class LocalPrivacy:
     """A client's local DP: its one engine, the wrapped module, its spend and its file.
 
@@ -309,10 +321,7 @@ class LocalPrivacy:
         device = next(model.parameters()).device
         self._noise = torch.Generator(device=device).manual_seed(secrets.randbits(63))
         self.engine, self.module, self._kind = engine, module, settings.accountant
-        log.warning(
-            "local DP: noise and sampling use torch's generator seeded from os.urandom, "
-            "not a CSPRNG (Opacus secure_mode needs torchcsprng)"
-        )
+        _warn_once()
 
     def _save(self) -> None:
         if self.path is None:

@@ -4,6 +4,7 @@ spend survives a restart, and client-side clipping is enforced."""
 
 from __future__ import annotations
 
+import itertools
 import json
 import threading
 import time
@@ -214,3 +215,27 @@ def test_client_mode_sites_clip_and_the_coordinator_enforces_it(start):
         assert sorted(entry["participants"]) == sorted(
             s for s in honest if s not in {d["site"] for d in entry["dropped"]}
         )
+
+
+def test_adaptive_clipping_moves_the_clip_norm_and_records_it(start):
+    coordinator = start()
+    stop = threading.Event()
+    sites(coordinator, stop)
+    # C starts far below the update norms: every update is clipped, so C must grow
+    dp = "noise_multiplier: 0.5, clip_norm: 0.01, adaptive_clipping: {count_stddev: 0.3}"
+    try:
+        row = coordinator.engine.submit(experiment(4, dp))
+        final = coordinator.engine.execute(row.run_id)
+    finally:
+        stop.set()
+    assert final.status == "finished", final.error
+    rounds = entries(coordinator, "round_committed")
+    clips = [r["dp"]["clip_norm"] for r in rounds]
+    assert clips[0] == 0.01 and clips[-1] > 0.01
+    for r, after in itertools.pairwise(rounds):  # each round uses the C it was given
+        assert after["dp"]["clip_norm"] == r["dp"]["adaptive"]["next_clip_norm"]
+    for r in rounds:  # the model's share of the noise leaves room for the count query
+        assert r["dp"]["model_noise_multiplier"] > 0.5
+    assert json.loads(final.summary or "{}")["privacy"]["clip_norm"] == pytest.approx(
+        rounds[-1]["dp"]["adaptive"]["next_clip_norm"]
+    )
