@@ -67,3 +67,8 @@ class Client(ABC):
     @abstractmethod
     def evaluate(self, arrays: Arrays, config: Config) -> EvaluateResult:
         """Evaluate the global model ``arrays`` on local data."""
+
+    def before_stage(self, stage: str, config: Config) -> None:  # noqa: B027 - optional hook
+        """Called before each secure-aggregation stage after training (``share_keys``,
+        ``masked_input``, ``unmask``) with the round config; raise to leave the round
+        (the coordinator counts the site as dropped at that stage)."""

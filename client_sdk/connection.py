@@ -21,7 +21,8 @@ import numpy as np
 
 from client_sdk.api import Arrays, Client, Config, EvaluateResult, FitResult
 from client_sdk.errors import ClientError, CoordinatorUnavailable, SiteError
-from protos.codec import PayloadAssembler, encode
+from client_sdk.secagg import SecAggSite
+from protos.codec import EncodedPayload, PayloadAssembler, encode
 from protos.errors import PayloadError
 from protos.fedcoord.v1 import common_pb2, fleet_pb2, fleet_pb2_grpc
 from strategies.privacy.clipping import CLIENT_CLIP_KEY, clip_update
@@ -46,6 +47,8 @@ CHANNEL_OPTIONS = [
     ("grpc.keepalive_timeout_ms", 10_000),
 ]
 MAX_MODEL_BYTES = 1 << 40
+LOCAL_DP_METRICS = frozenset({"epsilon", "delta"})
+"""Metrics a site still reports under secure aggregation: its local DP spend."""
 TRANSFER_TIMEOUT_S = 3600.0
 
 
@@ -117,6 +120,7 @@ class SiteSession:
         self.poll_wait_s = poll_wait_s
         self.heartbeat_interval_s = 5.0
         self._cached: tuple[str, Arrays] | None = None
+        self.secagg = SecAggSite(site_id)
 
     def enroll(self) -> None:
         reply = self.stub.Enroll(
@@ -138,6 +142,8 @@ class SiteSession:
         if first is None or first.WhichOneof("kind") != "header":
             return None
         header = first.header
+        if header.kind == fleet_pb2.TASK_KIND_SECAGG:  # a protocol stage: no model
+            return Task(header, {}, parse_config(header.config_json))
         if header.HasField("model"):
             assembler = PayloadAssembler(header.model, MAX_MODEL_BYTES)
             for message in stream:
@@ -153,14 +159,14 @@ class SiteSession:
         return Task(header, self._cached[1], parse_config(header.config_json))
 
     def run_task(self, task: Task) -> None:
-        """Train or evaluate under heartbeats, then push the result (or the error)."""
+        """Do the task under heartbeats, then push the result (or the error)."""
         h = task.header
         done = threading.Event()
         beat = threading.Thread(target=self._heartbeat, args=(h.task_id, done), daemon=True)
         beat.start()
         t0 = time.time()
         try:
-            result = self._call_client(task)
+            header, payload, what = self._answer(task)
         except Exception as exc:
             log.error(
                 "site %s round %d: client failed: %s: %s",
@@ -173,16 +179,37 @@ class SiteSession:
             return
         finally:
             done.set()
-        reply = self._push_result(task, result)
+        reply = self._push(h.task_id, header, payload.chunks() if payload is not None else None)
         log.info(
-            "site %s round %d: %s on %d examples in %.2fs; %s",
+            "site %s round %d: %s in %.2fs; %s",
             self.site_id,
             h.round,
-            "trained" if isinstance(result, FitResult) else "evaluated",
-            result.num_examples,
+            what,
             time.time() - t0,
             "accepted" if reply.accepted else f"not accepted ({reply.reason})",
         )
+
+    def _answer(self, task: Task) -> tuple[fleet_pb2.ResultHeader, EncodedPayload | None, str]:
+        """The result header of a task, its payload and a few words for the log."""
+        h = task.header
+        if h.kind == fleet_pb2.TASK_KIND_SECAGG:
+            stage = self.secagg.stage(h)
+            self.client.before_stage(stage, task.config)
+            reply, payload = self.secagg.answer(h)
+            header = fleet_pb2.ResultHeader(secagg=reply)
+            if payload is not None:
+                header.update.CopyFrom(payload.header())
+            return header, payload, f"secure aggregation: {stage}"
+        result = self._call_client(task)
+        what = f"{'trained' if isinstance(result, FitResult) else 'evaluated'} on "
+        what += f"{result.num_examples} examples"
+        if isinstance(result, FitResult) and h.HasField("secagg"):
+            reply = self.secagg.begin(h, task.arrays, result)
+            spend = {k: float(v) for k, v in result.metrics.items() if k in LOCAL_DP_METRICS}
+            header = fleet_pb2.ResultHeader(metrics=spend, secagg=reply)
+            return header, None, what + " (update kept for secure aggregation)"
+        header, payload = self._result(task, result)
+        return header, payload, what
 
     def _call_client(self, task: Task) -> FitResult | EvaluateResult:
         if task.header.kind == fleet_pb2.TASK_KIND_FIT:
@@ -199,19 +226,21 @@ class SiteSession:
             return result
         raise ClientError(f"unknown task kind {task.header.kind}")
 
-    def _push_result(self, task: Task, result: FitResult | EvaluateResult) -> fleet_pb2.PushReply:
-        task_id = task.header.task_id
+    @staticmethod
+    def _result(
+        task: Task, result: FitResult | EvaluateResult
+    ) -> tuple[fleet_pb2.ResultHeader, EncodedPayload | None]:
         metrics = {k: float(v) for k, v in result.metrics.items()}
         header = fleet_pb2.ResultHeader(num_examples=int(result.num_examples), metrics=metrics)
         if isinstance(result, EvaluateResult):
             header.metrics["loss"] = float(result.loss)
-            return self._push(task_id, header)
+            return header, None
         arrays = {k: np.asarray(v) for k, v in result.arrays.items()}
         if CLIENT_CLIP_KEY in task.config:  # client-side DP: the update leaves the site clipped
             arrays = clip_update(arrays, task.arrays, float(task.config[CLIENT_CLIP_KEY]))
         payload = encode(arrays)
         header.update.CopyFrom(payload.header())
-        return self._push(task_id, header, payload.chunks())
+        return header, payload
 
     def _push(
         self, task_id: str, header: fleet_pb2.ResultHeader, chunks: Iterator[bytes] | None = None

@@ -1,30 +1,34 @@
 """Hand-off between the round engine and the Fleet servicer.
 
-The engine posts one :class:`Assignment` per sampled site and waits on a
-:class:`RoundCollector`; sites long-poll :meth:`Dispatcher.take` for their assignment
-and push results, which the collector validates and folds into the round's streaming
-aggregate on arrival. Nothing here touches disk.
+The engine posts one :class:`Assignment` per site and waits on a :class:`Collector`;
+sites long-poll :meth:`Dispatcher.take` for their assignment and push results, which the
+collector checks and takes in on arrival. A :class:`RoundCollector` validates fit
+results and folds them into the round's streaming aggregate; a :class:`StageCollector`
+takes the replies of one secure-aggregation stage. Nothing here touches disk.
 """
 
 from __future__ import annotations
 
 import threading
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
 
-from protos.codec import EncodedPayload
+from protos.codec import EncodedPayload, plan_layout
+from protos.fedcoord.v1 import fleet_pb2, secagg_pb2
 from strategies.base import Aggregator
 from strategies.errors import InvalidUpdate
 from strategies.validation import ModelSpec, UpdateLimits, validate_update
 
+Arrays = Mapping[str, np.ndarray]
+
 
 @dataclass
 class Assignment:
-    """One site's task in one round."""
+    """One site's task: a fit task of a round, or one stage of a secure round."""
 
     task_id: str
     site_id: str
@@ -32,14 +36,16 @@ class Assignment:
     round: int
     kind: int
     config_json: str
-    model: EncodedPayload
+    model: EncodedPayload | None
+    """The arrays the site receives (none for secure-aggregation stage tasks)."""
     deadline: float
-    collector: RoundCollector
+    collector: Collector
+    secagg: secagg_pb2.SecAggTask | None = None
 
 
 @dataclass
 class SiteOutcome:
-    """What became of one sampled site in a round."""
+    """What became of one site in a round (or a stage)."""
 
     status: str  # accepted | rejected | failed
     num_examples: int = 0
@@ -48,49 +54,59 @@ class SiteOutcome:
     reason: str = ""
 
 
-class RoundCollector:
-    """Validates and folds one round's results as they arrive (thread-safe)."""
+@dataclass
+class RoundOutcome:
+    """A collected round, ready to commit: the aggregate, the accepted sites and what
+    the ledger records of the others."""
 
-    def __init__(
-        self,
-        expected: set[str],
-        reference: Mapping[str, np.ndarray],
-        aggregator: Aggregator,
-        limits: UpdateLimits,
-    ):
+    aggregator: Aggregator
+    accepted: dict[str, SiteOutcome]
+    participants: list[str]
+    rejected: list[dict[str, str]]
+    dropped: list[dict[str, str]]
+    secure_aggregation: dict[str, Any] | None = None
+    """The secure-aggregation record of the round (``None`` for a plain round)."""
+
+
+class Collector:
+    """Outcomes of one set of tasks, one per expected site (thread-safe).
+
+    Subclasses say which payload a result must carry (:meth:`payload_spec`) and what
+    taking a result in means (:meth:`_take`, called under the lock for a site that is
+    expected and has no outcome yet).
+    """
+
+    def __init__(self, expected: set[str]):
         self.expected = expected
-        self.reference = reference
-        self.spec = ModelSpec.of(reference)
-        self.aggregator = aggregator
-        self.limits = limits
         self.outcomes: dict[str, SiteOutcome] = {}
         self.closed = False
         self._cond = threading.Condition()
 
-    def submit(
-        self,
-        site_id: str,
-        arrays: Mapping[str, np.ndarray],
-        num_examples: int,
-        metrics: dict[str, float],
-        digest: str,
-    ) -> SiteOutcome:
-        """Validate an update and fold it in; returns its outcome (never raises on bad input)."""
+    def payload_spec(self) -> ModelSpec | None:
+        """The tensors a result must carry (``None``: results carry no payload)."""
+        return None
+
+    def payload_limit(self) -> int:
+        """The largest payload stream a result may announce."""
+        spec = self.payload_spec()
+        if spec is None:
+            return 0
+        specs = [(k, d.name, s) for k, (d, s) in spec.tensors.items()]
+        return plan_layout(specs)[1]
+
+    def receive(self, header: fleet_pb2.ResultHeader, arrays: Arrays | None) -> SiteOutcome:
+        """Take in one result; its outcome (never raises on bad input)."""
+        site_id = header.site_id
         with self._cond:
             if self.closed or site_id in self.outcomes or site_id not in self.expected:
                 return SiteOutcome("rejected", reason="task_not_active")
-            try:
-                validate_update(
-                    arrays, num_examples, metrics, self.reference, self.spec, self.limits
-                )
-            except InvalidUpdate as exc:
-                outcome = SiteOutcome("rejected", num_examples, {}, digest, str(exc))
-            else:
-                self.aggregator.add(arrays, float(num_examples))
-                outcome = SiteOutcome("accepted", num_examples, metrics, digest)
+            outcome = self._take(header, arrays)
             self.outcomes[site_id] = outcome
             self._cond.notify_all()
             return outcome
+
+    def _take(self, header: fleet_pb2.ResultHeader, arrays: Arrays | None) -> SiteOutcome:
+        raise NotImplementedError
 
     def fail(self, site_id: str, reason: str, status: str = "failed") -> None:
         """Record a site that did not deliver (``failed``: its own error, a dropout, lost
@@ -121,23 +137,101 @@ class RoundCollector:
     def accepted(self) -> dict[str, SiteOutcome]:
         return {s: o for s, o in self.outcomes.items() if o.status == "accepted"}
 
-    def summary(self) -> dict[str, Any]:
-        """Participants, rejections and drop-outs, for the ledger."""
+    def rejections(self) -> dict[str, str]:
+        """Reasons of the sites whose result was refused."""
+        return {s: o.reason for s, o in self.outcomes.items() if o.status == "rejected"}
+
+
+class RoundCollector(Collector):
+    """Validates a round's fit results and folds them into its aggregate as they arrive."""
+
+    def __init__(
+        self,
+        expected: set[str],
+        reference: Arrays,
+        aggregator: Aggregator,
+        limits: UpdateLimits,
+    ):
+        super().__init__(expected)
+        self.reference = reference
+        self.spec = ModelSpec.of(reference)
+        self.aggregator = aggregator
+        self.limits = limits
+
+    def payload_spec(self) -> ModelSpec:
+        return self.spec
+
+    def _take(self, header: fleet_pb2.ResultHeader, arrays: Arrays | None) -> SiteOutcome:
+        assert arrays is not None
+        num_examples, metrics = int(header.num_examples), dict(header.metrics)
+        digest = header.update.digest
+        try:
+            validate_update(arrays, num_examples, metrics, self.reference, self.spec, self.limits)
+        except InvalidUpdate as exc:
+            return SiteOutcome("rejected", num_examples, {}, digest, str(exc))
+        self.aggregator.add(arrays, float(num_examples))
+        return SiteOutcome("accepted", num_examples, metrics, digest)
+
+    def outcome(self) -> RoundOutcome:
+        """The round as collected: participants, rejections and drop-outs."""
         missing = sorted(self.expected - self.outcomes.keys())
-        return {
-            "participants": sorted(self.accepted()),
-            "rejected": [
-                {"site": s, "reason": o.reason}
-                for s, o in sorted(self.outcomes.items())
-                if o.status == "rejected"
-            ],
-            "dropped": [
-                {"site": s, "reason": o.reason}
-                for s, o in sorted(self.outcomes.items())
-                if o.status == "failed"
-            ]
+        items = sorted(self.outcomes.items())
+        return RoundOutcome(
+            aggregator=self.aggregator,
+            accepted=self.accepted(),
+            participants=sorted(self.accepted()),
+            rejected=[{"site": s, "reason": o.reason} for s, o in items if o.status == "rejected"],
+            dropped=[{"site": s, "reason": o.reason} for s, o in items if o.status == "failed"]
             + [{"site": s, "reason": "deadline"} for s in missing],
-        }
+        )
+
+
+StageHandler = Callable[[str, fleet_pb2.ResultHeader, Arrays | None], Any]
+"""Turns one site's stage result into the stage's message; raises ``ValueError``
+(e.g. :class:`strategies.secagg.SecAggError`) to reject it."""
+
+
+class StageCollector(Collector):
+    """Replies of one secure-aggregation stage of one attempt (``session``).
+
+    Parameters
+    ----------
+    stage
+        The protocol stage, for reasons and logs.
+    handler
+        Called under the collector's lock for each result of an expected site; what it
+        returns is kept in :attr:`replies`.
+    payload
+        The tensors a result of this stage carries (the masked vector), if any.
+    """
+
+    def __init__(
+        self,
+        expected: set[str],
+        stage: str,
+        session: str,
+        handler: StageHandler,
+        payload: ModelSpec | None = None,
+    ):
+        super().__init__(expected)
+        self.stage = stage
+        self.session = session
+        self.handler = handler
+        self.payload = payload
+        self.replies: dict[str, Any] = {}
+
+    def payload_spec(self) -> ModelSpec | None:
+        return self.payload
+
+    def _take(self, header: fleet_pb2.ResultHeader, arrays: Arrays | None) -> SiteOutcome:
+        site = header.site_id
+        if not header.HasField("secagg") or header.secagg.session != self.session:
+            return SiteOutcome("rejected", reason="wrong_session")
+        try:
+            self.replies[site] = self.handler(site, header, arrays)
+        except ValueError as exc:
+            return SiteOutcome("rejected", reason=f"invalid_message: {exc}"[:200])
+        return SiteOutcome("accepted", digest=header.update.digest if arrays else "")
 
 
 class Dispatcher:

@@ -22,17 +22,21 @@ import numpy as np
 
 from coordinator import ledger
 from coordinator.canonical import canonical_json
-from coordinator.dispatch import Assignment, Dispatcher, RoundCollector
+from coordinator.dispatch import Assignment, Collector, Dispatcher, RoundCollector, RoundOutcome
 from coordinator.errors import ConfigError, CoordinatorError, QuorumNotReached, UnknownRun
 from coordinator.experiment import Experiment, parse_experiment
 from coordinator.merkle import merkle_root
 from coordinator.privacy import PrivacySession, privacy_summary
+from coordinator.secure_round import MIN_SITES, SecureRound, SecureRoundPlan
+from coordinator.secure_round import headline as secure_headline
 from coordinator.state import Database, RoundRecord, RunRow
 from coordinator.tasks import Task, load_task
 from protos.codec import EncodedPayload, encode
 from protos.fedcoord.v1 import fleet_pb2
 from strategies.base import Strategy
 from strategies.errors import InsufficientUpdates
+from strategies.secagg import SecAggAborted
+from strategies.secagg.vector import SecureMean, SecureSum, VectorLayout, quantized_sensitivity
 from strategies.validation import UpdateLimits
 
 log = logging.getLogger("fedcoord.engine")
@@ -43,6 +47,10 @@ CLIENT_CLIP_TOLERANCE = 1e-3
 the coordinator clips them to exactly ``C`` again before summing."""
 LOST_AFTER_S = 15.0
 """A sampled site silent (no poll, heartbeat or result) this long is counted as dropped."""
+
+
+class AttemptFailed(Exception):
+    """A round attempt that must be redone (too few updates, an aborted secure sum)."""
 
 
 @dataclass(frozen=True)
@@ -78,7 +86,26 @@ class ActiveRun:
     def quorum(self) -> int:
         """Accepted updates a round needs: ``min_sites``, raised to what the strategy's
         rule needs (e.g. Krum with ``f`` needs ``2f + 3``)."""
-        return max(self.exp.federation.sampling.min_sites, self.strategy.min_updates())
+        need = max(self.exp.federation.sampling.min_sites, self.strategy.min_updates())
+        return max(need, MIN_SITES) if self.secure else need
+
+    @property
+    def secure(self) -> bool:
+        """Whether rounds run under secure aggregation."""
+        return self.exp.privacy.secure_aggregation.enabled
+
+
+@dataclass(frozen=True)
+class RoundAttempt:
+    """What one attempt at a round sends out."""
+
+    number: int
+    population: list[str]
+    selected: list[str]
+    config: str
+    task_payload: EncodedPayload
+    reference: dict[str, np.ndarray]
+    deadline: float
 
 
 @dataclass
@@ -88,7 +115,7 @@ class RoundState:
     number: int
     population: list[str]
     selected: list[str]
-    collector: RoundCollector
+    outcome: RoundOutcome
     rng_state: dict[str, Any]
     started: float
 
@@ -370,6 +397,9 @@ class RoundEngine:
         )
         if privacy is not None:
             message += f"; {privacy.headline()}"
+        if exp.privacy.secure_aggregation.enabled:
+            clip = privacy.clip_norm if privacy is not None else None
+            message += f"; {secure_headline(exp.privacy.secure_aggregation, clip)}"
         self.emit(run_id, "run_started", message, {"initial_model": payload.digest, "dp": dp})
 
     def _round_with_retries(self, run: ActiveRun, round_no: int) -> None:
@@ -434,35 +464,108 @@ class RoundEngine:
         })  # fmt: skip
         deadline = time.time() + sampling.timeout_s
         reference = strategy.update_reference(run.model)
-        aggregator = (
-            privacy.aggregator(reference, len(population))
-            if privacy is not None
-            else strategy.aggregator(reference, len(selected))
-        )
-        collector = RoundCollector(set(selected), reference, aggregator, self._limits(run))
         task_arrays = strategy.task_arrays(run.model)
         task_payload = run.payload if task_arrays is run.model else encode(task_arrays)
-        assignments = [
-            Assignment(uuid.uuid4().hex, site, run.run_id, round_no, fleet_pb2.TASK_KIND_FIT,
-                       config, task_payload, deadline, collector)
-            for site in selected
-        ]  # fmt: skip
-        self.dispatcher.post(assignments)
+        attempt = RoundAttempt(round_no, population, selected, config, task_payload, reference,
+                               deadline)  # fmt: skip
+        collect = self._collect_secure if run.secure else self._collect
         try:
-            self._wait_round(run, collector, deadline)
-        finally:
-            self.dispatcher.withdraw(assignments)
-        if run.halted(self._shutdown):
+            outcome = collect(run, attempt)
+        except AttemptFailed as exc:
+            return str(exc)
+        if outcome is None or run.halted(self._shutdown):
             return ""
-        accepted = len(collector.accepted())
-        if privacy is None and accepted < run.quorum:
-            return f"{accepted} accepted update(s), the quorum is {run.quorum}"
-        state = RoundState(round_no, population, selected, collector, rng_state, t0)
+        state = RoundState(round_no, population, selected, outcome, rng_state, t0)
         try:
             self._commit(run, state, time.time() - t0)
         except InsufficientUpdates as exc:
             return str(exc)
         return ""
+
+    def _collect(self, run: ActiveRun, attempt: RoundAttempt) -> RoundOutcome | None:
+        """Post the fit tasks and fold the results as they arrive (``None`` if halted)."""
+        privacy = run.privacy
+        aggregator = (
+            privacy.aggregator(attempt.reference, len(attempt.population))
+            if privacy is not None
+            else run.strategy.aggregator(attempt.reference, len(attempt.selected))
+        )
+        collector = RoundCollector(
+            set(attempt.selected), attempt.reference, aggregator, self._limits(run)
+        )
+        assignments = [
+            Assignment(uuid.uuid4().hex, site, run.run_id, attempt.number,
+                       fleet_pb2.TASK_KIND_FIT, attempt.config, attempt.task_payload,
+                       attempt.deadline, collector)
+            for site in attempt.selected
+        ]  # fmt: skip
+        self.dispatcher.post(assignments)
+        try:
+            self._wait_round(run, collector, attempt.deadline)
+        finally:
+            self.dispatcher.withdraw(assignments)
+        if run.halted(self._shutdown):
+            return None
+        accepted = len(collector.accepted())
+        if privacy is None and accepted < run.quorum:
+            raise AttemptFailed(f"{accepted} accepted update(s), the quorum is {run.quorum}")
+        return collector.outcome()
+
+    def _collect_secure(self, run: ActiveRun, attempt: RoundAttempt) -> RoundOutcome | None:
+        """Run the secure-aggregation stages; the round's outcome over the secure sum.
+
+        An aborted attempt releases nothing: it is recorded (``round_aborted``) and
+        redone. Under DP, a draw too small for a secure sum counts as a round without
+        updates (the noise alone is released, as the accountant assumes).
+        """
+        privacy = run.privacy
+        reference = attempt.reference
+        if len(attempt.selected) < MIN_SITES:
+            if privacy is None:  # sampling asks for the quorum; only a plain Poisson draw
+                raise AttemptFailed(f"{len(attempt.selected)} site(s) sampled, fewer than 3")
+            nothing = SecureMean(reference, SecureSum.zeros(VectorLayout.of(reference)))
+            return RoundOutcome(
+                privacy.aggregator(reference, len(attempt.population), summed=nothing),
+                {}, [], [],
+                [{"site": s, "reason": "too few sampled for a secure sum"}
+                 for s in attempt.selected],
+                {"mode": "skipped", "sampled": len(attempt.selected),
+                 "reason": f"fewer than {MIN_SITES} sites sampled: only noise is released"},
+            )  # fmt: skip
+        settings = run.exp.privacy.secure_aggregation
+        plan = SecureRoundPlan(
+            run.run_id, attempt.number, attempt.selected, attempt.config,
+            attempt.task_payload, reference, attempt.deadline, settings,
+            quorum=MIN_SITES if privacy is not None else run.quorum,
+            dp_clip=privacy.clip_norm if privacy is not None else None,
+        )  # fmt: skip
+        secure = SecureRound(
+            self.dispatcher,
+            plan,
+            wait=lambda collector, deadline: self._wait_round(run, collector, deadline),
+            halted=lambda: run.halted(self._shutdown),
+        )
+        try:
+            result = secure.run()
+        except SecAggAborted as exc:
+            if run.halted(self._shutdown):
+                return None
+            self.db.append_ledger("round_aborted", {
+                "run_id": run.run_id, "round": attempt.number, "stage": exc.stage,
+                "reason": exc.reason, "detail": exc.detail,
+                "secure_aggregation": secure.record(),
+            })  # fmt: skip
+            raise AttemptFailed(str(exc)) from None
+        outcome = result.outcome
+        if privacy is not None:
+            sensitivity = quantized_sensitivity(
+                privacy.clip_norm, result.layout, result.quantization
+            )
+            outcome.aggregator = privacy.aggregator(
+                reference, len(attempt.population), summed=outcome.aggregator,
+                sensitivity=sensitivity,
+            )  # fmt: skip
+        return outcome
 
     @staticmethod
     def _limits(run: ActiveRun) -> UpdateLimits:
@@ -478,18 +581,18 @@ class RoundEngine:
 
     def _commit(self, run: ActiveRun, state: RoundState, t_collect: float) -> None:
         """Aggregate, evaluate, store the model, then commit round row + ledger entry."""
-        collector, round_no = state.collector, state.number
-        accepted = collector.accepted()
-        new_model = run.strategy.apply(run.model, collector.aggregator)
+        outcome, round_no = state.outcome, state.number
+        accepted = outcome.accepted
+        new_model = run.strategy.apply(run.model, outcome.aggregator)
         dp = None
         if run.privacy is not None:  # the noised mean was drawn in apply: account for it
-            dp = run.privacy.after_round(collector.aggregator)  # type: ignore[arg-type]
+            dp = run.privacy.after_round(outcome.aggregator)  # type: ignore[arg-type]
         t_eval = time.time()
         metrics = run.task.central_evaluate(new_model)
         t_eval = time.time() - t_eval
         if dp is not None:
             metrics["epsilon"] = dp["epsilon"]
-        elif run.exp.privacy.local_dp is None:  # site training metrics are not privatised
+        elif run.exp.privacy.local_dp is None and not run.secure:  # not privatised
             metrics.update(weighted_site_metrics(accepted))
         local_dp = local_dp_record(run.exp, accepted)
         if local_dp is not None and local_dp["max_epsilon"] is not None:
@@ -497,11 +600,10 @@ class RoundEngine:
         payload = encode(new_model)
         self.db.models.put(new_model, payload.digest)
         state_digest = self._store(run.strategy.state())
-        outcome = collector.summary()
         updates = {s: o.digest for s, o in accepted.items()}
         seconds = time.time() - state.started
         record = RoundRecord(
-            round_no, payload.digest, run.payload.digest, metrics, outcome["participants"],
+            round_no, payload.digest, run.payload.digest, metrics, outcome.participants,
             state.rng_state, state_digest,
             None if run.privacy is None else run.privacy.state(),
         )  # fmt: skip
@@ -511,9 +613,11 @@ class RoundEngine:
                 "run_id": run.run_id, "round": round_no, "input_model": run.payload.digest,
                 "output_model": payload.digest, "config_digest": run.exp.config_digest(),
                 "strategy": run.exp.strategy.name, "strategy_state": state_digest,
-                "sampled": state.selected, **outcome,
+                "sampled": state.selected, "participants": outcome.participants,
+                "rejected": outcome.rejected, "dropped": outcome.dropped,
                 "update_digests": updates, "merkle_root": merkle_root(updates),
-                "metrics": metrics, "dp": dp, "local_dp": local_dp, "secure_aggregation": "off",
+                "metrics": metrics, "dp": dp, "local_dp": local_dp,
+                "secure_aggregation": outcome.secure_aggregation or {"mode": "off"},
                 "timings": {"collect_s": round(t_collect, 4), "evaluate_s": round(t_eval, 4),
                             "total_s": round(seconds, 4)},
             },
@@ -524,8 +628,8 @@ class RoundEngine:
             "round_committed",
             progress_line(run.exp, round_no, len(state.selected), len(accepted), metrics, seconds),
             {"round": round_no, "metrics": metrics, "model": payload.digest,
-             "ledger_seq": entry.seq, "dropped": outcome["dropped"],
-             "rejected": outcome["rejected"]},
+             "ledger_seq": entry.seq, "dropped": outcome.dropped,
+             "rejected": outcome.rejected},
         )  # fmt: skip
 
     def _store(self, arrays: dict[str, np.ndarray]) -> str | None:
@@ -536,7 +640,7 @@ class RoundEngine:
         self.db.models.put(arrays, digest)
         return digest
 
-    def _wait_round(self, run: ActiveRun, collector: RoundCollector, deadline: float) -> None:
+    def _wait_round(self, run: ActiveRun, collector: Collector, deadline: float) -> None:
         """Wait for results; count sampled sites silent for too long as dropped."""
         while time.time() < deadline and not run.halted(self._shutdown):
             collector.wait_until(min(deadline, time.time() + 1.0), run.stop)
@@ -603,5 +707,5 @@ class RoundEngine:
             "metrics": {k: v for k, v in history[-1].items() if k != "round"} if history else {},
             "history": history,
             "privacy": privacy_summary(exp, last.privacy_state if last else None, history),
-            "secure_aggregation": False,
+            "secure_aggregation": exp.privacy.secure_aggregation.enabled,
         }

@@ -2,8 +2,8 @@
 
 Every mapping forbids unknown keys and values are not coerced between types (``"3"`` is
 not a number). Any problem becomes one :class:`ConfigError` whose key is the dotted path
-of the offending setting. Settings this version cannot honour (DP, secure aggregation,
-MLflow export, drift checks, the Ray backend) are refused, never silently ignored.
+of the offending setting. Settings this version cannot honour (MLflow
+export, drift checks, the Ray backend) are refused, never silently ignored.
 """
 
 from __future__ import annotations
@@ -29,6 +29,8 @@ from coordinator.canonical import canonical_json, sha256_hex
 from coordinator.errors import ConfigError
 from strategies.base import Strategy
 from strategies.registry import StrategyConfigError, make_strategy, strategy_class
+from strategies.secagg import QuantizationOverflow, check_no_overflow
+from strategies.secagg.quantize import max_levels
 
 NOT_AVAILABLE = "not available in this version of fedcoord"
 
@@ -176,16 +178,26 @@ class Validation(Spec):
 
 
 class SecureAggregation(Spec):
-    """Secure aggregation switch (refused when on: not implemented yet)."""
+    """Secure aggregation (SecAgg+): the coordinator learns only each round's sum.
+
+    Sites clip every delta value to ``[-clip_range, clip_range]`` (under ``privacy.dp``
+    in client mode: the delta's L2 norm to the clip norm, and the range is that norm),
+    weigh it by ``min(examples, max_examples) / max_examples`` (``null``: unweighted),
+    quantize it to ``levels`` levels (default: the most that cannot overflow the ring
+    ``Z_2^ring_bits`` for the round's sites) and mask it. The graph degree ``k`` and the
+    threshold ``t`` follow from the round's sites, the ``dropout_rate`` the rounds must
+    survive and the ``corrupt_fraction`` of sites assumed to collude with the
+    coordinator. Each stage after training waits at most ``stage_timeout_s``.
+    """
 
     enabled: bool = False
-
-    @field_validator("enabled")
-    @classmethod
-    def _off(cls, value: bool) -> bool:
-        if value:
-            raise ValueError(f"secure aggregation is {NOT_AVAILABLE}")
-        return value
+    clip_range: Positive = 1.0
+    ring_bits: Annotated[int, Field(ge=8, le=32)] = 32
+    levels: Annotated[int, Field(ge=2)] | None = None
+    max_examples: Annotated[int, Field(ge=1)] | None = 100_000
+    dropout_rate: Annotated[float, Field(ge=0, lt=1)] = 0.1
+    corrupt_fraction: Annotated[float, Field(ge=0, lt=0.5)] = 0.05
+    stage_timeout_s: Positive = 30.0
 
 
 _REFUSED = {"mlflow": "mlflow export"}
@@ -352,6 +364,44 @@ class Experiment(Spec):
         if dp.delta is not None and dp.delta >= bound:
             raise KeyedError(
                 "privacy.dp.delta", f"must be < 1/federation.sites = {bound:.3g} (got {dp.delta})"
+            )
+        return self
+
+    @model_validator(mode="after")
+    def _secure_aggregation_is_honourable(self) -> Experiment:
+        secagg = self.privacy.secure_aggregation
+        if not secagg.enabled:
+            return self
+        if not self.make_strategy().supports_secagg:
+            raise KeyedError(
+                "strategy.name",
+                f"{self.strategy.name} cannot run under secure aggregation (its rule needs "
+                "the individual updates); use fedavg, fedavgm, fedprox, fedadam, fedyogi, "
+                "fedadagrad or scaffold",
+            )
+        dp = self.privacy.dp
+        if dp is not None and dp.mode == "central":
+            raise KeyedError(
+                "privacy.dp.mode",
+                "central DP clips each update at the coordinator, which secure aggregation "
+                "hides from it; use mode: client (sites clip, the coordinator noises the sum)",
+            )
+        sites = self.federation.sites
+        if sites < 3:
+            raise KeyedError(
+                "federation.sites",
+                f"secure aggregation needs at least 3 sites (a sum of two reveals each to "
+                f"the other), got {sites}",
+            )
+        if secagg.levels is not None:
+            try:
+                check_no_overflow(sites, secagg.levels, secagg.ring_bits)
+            except QuantizationOverflow as exc:
+                raise KeyedError("privacy.secure_aggregation.levels", str(exc)) from None
+        elif max_levels(sites, secagg.ring_bits) < 2:
+            raise KeyedError(
+                "privacy.secure_aggregation.ring_bits",
+                f"Z_2^{secagg.ring_bits} cannot hold a sum of {sites} sites; use 32",
             )
         return self
 

@@ -7,8 +7,9 @@ import re
 from collections.abc import Iterator
 
 import grpc
+import numpy as np
 
-from coordinator.dispatch import Dispatcher, RoundCollector
+from coordinator.dispatch import Collector, Dispatcher
 from coordinator.state import Database
 from protos.codec import PayloadAssembler
 from protos.errors import PayloadError
@@ -79,21 +80,24 @@ class FleetServicer(fleet_pb2_grpc.FleetServicer):
         if assignment is None or not context.is_active():
             yield fleet_pb2.TaskMessage(none=fleet_pb2.NoTask(retry_after_ms=0))
             return
-        send_model = request.cached_model_digest != assignment.model.digest
+        model = assignment.model
+        send_model = model is not None and request.cached_model_digest != model.digest
         header = fleet_pb2.TaskHeader(
             task_id=assignment.task_id,
             run_id=assignment.run_id,
             round=assignment.round,
             kind=assignment.kind,
             config_json=assignment.config_json,
-            model_digest=assignment.model.digest,
+            model_digest=model.digest if model is not None else "",
             deadline_unix=assignment.deadline,
         )
+        if assignment.secagg is not None:
+            header.secagg.CopyFrom(assignment.secagg)
         if send_model:
-            header.model.CopyFrom(assignment.model.header())
+            header.model.CopyFrom(model.header())
         yield fleet_pb2.TaskMessage(header=header)
         if send_model:
-            for data in assignment.model.chunks():
+            for data in model.chunks():
                 yield fleet_pb2.TaskMessage(chunk=common_pb2.Chunk(data=data))
 
     def PushResult(
@@ -116,33 +120,41 @@ class FleetServicer(fleet_pb2_grpc.FleetServicer):
             collector.fail(header.site_id, f"site_error: {header.error[:200]}")
             return fleet_pb2.PushReply(accepted=False, reason="site reported an error")
         try:
-            check_specs(
-                {t.name: (t.dtype, tuple(t.shape)) for t in header.update.tensors},
-                collector.spec,
-            )
-            assembler = PayloadAssembler(header.update, max_bytes=assignment.model.total_bytes)
-            for message in request_iterator:
-                if message.WhichOneof("kind") != "chunk":
-                    raise PayloadError("unexpected message after the result header")
-                assembler.add(message.chunk.data)
-            arrays = assembler.finish()
+            arrays = self._receive_payload(header, collector, request_iterator)
         except InvalidUpdate as exc:
             return self._reject(collector, header.site_id, str(exc))
         except PayloadError as exc:
             return self._reject(collector, header.site_id, f"bad_payload: {exc}")
-        outcome = collector.submit(
-            header.site_id,
-            arrays,
-            int(header.num_examples),
-            dict(header.metrics),
-            header.update.digest,
-        )
+        outcome = collector.receive(header, arrays)
         if outcome.status != "accepted":
-            log.warning("site %s: update rejected: %s", header.site_id, outcome.reason)
+            log.warning("site %s: result rejected: %s", header.site_id, outcome.reason)
         return fleet_pb2.PushReply(accepted=outcome.status == "accepted", reason=outcome.reason)
 
     @staticmethod
-    def _reject(collector: RoundCollector, site_id: str, reason: str) -> fleet_pb2.PushReply:
+    def _receive_payload(
+        header: fleet_pb2.ResultHeader,
+        collector: Collector,
+        request_iterator: Iterator[fleet_pb2.ResultMessage],
+    ) -> dict[str, np.ndarray] | None:
+        """The result's payload, checked against what the collector expects before any
+        chunk is read (``None`` for results that carry none)."""
+        spec = collector.payload_spec()
+        if spec is None:
+            if header.HasField("update"):
+                raise InvalidUpdate("unexpected_payload", "this result carries no payload")
+            if next(request_iterator, None) is not None:
+                raise PayloadError("unexpected message after the result header")
+            return None
+        check_specs({t.name: (t.dtype, tuple(t.shape)) for t in header.update.tensors}, spec)
+        assembler = PayloadAssembler(header.update, max_bytes=collector.payload_limit())
+        for message in request_iterator:
+            if message.WhichOneof("kind") != "chunk":
+                raise PayloadError("unexpected message after the result header")
+            assembler.add(message.chunk.data)
+        return assembler.finish()
+
+    @staticmethod
+    def _reject(collector: Collector, site_id: str, reason: str) -> fleet_pb2.PushReply:
         collector.fail(site_id, reason, status="rejected")
         log.warning("site %s: result rejected: %s", site_id, reason)
         return fleet_pb2.PushReply(accepted=False, reason=reason)

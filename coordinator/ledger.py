@@ -24,7 +24,7 @@ GENESIS = "0" * 64
 KINDS = frozenset(
     {
         "run_started", "site_enrolled", "site_revoked", "round_committed", "drift_alert",
-        "budget_exhausted", "model_promoted", "run_finished",
+        "budget_exhausted", "model_promoted", "run_finished", "round_aborted",
     }
 )  # fmt: skip
 

@@ -31,6 +31,7 @@ from strategies.privacy.adaptive import AdaptiveClipping, noise_split
 from strategies.privacy.aggregator import ClippedNoisedMean
 from strategies.privacy.clipping import CLIENT_CLIP_KEY
 from strategies.privacy.noise import SecureGaussian
+from strategies.secagg.vector import SecureMean
 
 
 def run_delta(exp: Experiment) -> float:
@@ -121,13 +122,24 @@ class PrivacySession:
         sigma_b = self.adaptive.count_stddev_for(self.denominator(population))
         return noise_split(self.noise_multiplier, sigma_b)
 
-    def aggregator(self, reference: Mapping[str, np.ndarray], population: int) -> ClippedNoisedMean:
+    def aggregator(
+        self,
+        reference: Mapping[str, np.ndarray],
+        population: int,
+        *,
+        summed: SecureMean | None = None,
+        sensitivity: float | None = None,
+    ) -> ClippedNoisedMean:
+        """The round's clipped, noised mean; over a secure sum (``summed``) the noise is
+        calibrated to ``sensitivity`` (the clip norm plus the quantization's rounding)."""
         return ClippedNoisedMean(
             reference,
             self.clip_norm,
             self.denominator(population),
             self.model_noise_multiplier(population),
             self.noise,
+            summed=summed,
+            sensitivity=sensitivity,
         )
 
     def after_round(self, aggregate: ClippedNoisedMean) -> dict[str, Any]:
@@ -142,6 +154,7 @@ class PrivacySession:
             "clip_norm": used,
             "sample_rate": self.sample_rate,
             "denominator": aggregate.denominator,
+            "sensitivity": aggregate.sensitivity,
             "noise_std": aggregate.noise_std,
             "delta": self.delta,
             "epsilon": self.epsilon(),

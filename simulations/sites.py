@@ -21,6 +21,9 @@ from coordinator.experiment import Experiment, parse_experiment
 from coordinator.tasks import Task, load_task
 from simulations.attacks import UPDATE_ATTACKS, attack_update, attackers
 
+DROP_STAGES = ("fit", "share_keys", "masked_input", "unmask")
+"""Where a simulated site may drop out of a secure round."""
+
 
 class SimulatedDropout(RuntimeError):
     """The simulation decided this site drops out of this round."""
@@ -59,16 +62,26 @@ class SimulatedSite(Client):
             )
         return self._client
 
-    def _maybe_drop(self, config: Config) -> None:
+    def _drop_stage(self, config: Config) -> str | None:
+        """Where this site drops out of this round, if it does: at training, or under
+        secure aggregation at any stage (so every dropout path is exercised)."""
         p = self.exp.federation.dropout
         if p <= 0.0:
-            return
+            return None
         rng = np.random.default_rng([self.exp.seed, int(config.get("round", 0)), self.index, 1])
-        if rng.random() < p:
-            raise SimulatedDropout(f"simulated dropout (p={p})")
+        if rng.random() >= p:
+            return None
+        if not self.exp.privacy.secure_aggregation.enabled:
+            return "fit"
+        return DROP_STAGES[int(rng.integers(len(DROP_STAGES)))]
+
+    def _maybe_drop(self, stage: str, config: Config) -> None:
+        if self._drop_stage(config) == stage:
+            p = self.exp.federation.dropout
+            raise SimulatedDropout(f"simulated dropout at {stage} (p={p})")
 
     def fit(self, arrays: Arrays, config: Config) -> FitResult:
-        self._maybe_drop(config)
+        self._maybe_drop("fit", config)
         with self.train_lock:
             result = self.client.fit(arrays, config)
         if self.attack not in UPDATE_ATTACKS:
@@ -81,17 +94,23 @@ class SimulatedSite(Client):
         with self.train_lock:
             return self.client.evaluate(arrays, config)
 
+    def before_stage(self, stage: str, config: Config) -> None:
+        self._maybe_drop(stage, config)
+
 
 def worker_main(
     worker: int, workers: int, experiment_json: str, address: str, stop: ProcessEvent
 ) -> None:
-    """Entry point of one worker process (spawned, so no gRPC state is inherited)."""
+    """Entry point of one worker process (forked from the fork server, which never
+    touched gRPC, so no gRPC state is inherited)."""
     import torch
 
     torch.set_num_threads(1)
     logging.basicConfig(
         level=logging.WARNING, format=f"[worker {worker}] %(levelname)s %(message)s"
     )
+    for handler in logging.getLogger().handlers:  # a simulated dropout is no error
+        handler.addFilter(lambda record: SimulatedDropout.__name__ not in record.getMessage())
     exp = parse_experiment(experiment_json, "simulation")
     task = load_task(exp.task.name, exp.task.model, exp.task.options, exp.seed)
     lock = threading.Lock()

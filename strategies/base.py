@@ -54,6 +54,9 @@ class Strategy(ABC):
     supports_dp: ClassVar[bool] = False
     """Whether the rule works on a mean delta alone (``aggregator.mean()``), so central DP
     can hand it a clipped, noised mean instead."""
+    supports_secagg: ClassVar[bool] = False
+    """Whether the rule needs only ``aggregator.mean()`` and ``aggregator.count``, so secure
+    aggregation can hand it the mean of a secure sum (no individual update is seen)."""
 
     def __init__(self, params: BaseModel | None = None):
         self.params = params if params is not None else self.Params()

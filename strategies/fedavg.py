@@ -12,6 +12,7 @@ class FedAvg(Strategy):
     """Streams updates into one weighted mean; O(model) memory for any number of sites."""
 
     supports_dp = True
+    supports_secagg = True
 
     name = "fedavg"
 

@@ -83,6 +83,7 @@ class ServerOptimizer(Strategy):
     """
 
     supports_dp = True
+    supports_secagg = True
 
     buffers: ClassVar[tuple[str, ...]] = ()
 

@@ -33,6 +33,7 @@ class ScaffoldParams(BaseModel):
 class Scaffold(Strategy):
     name = "scaffold"
     Params = ScaffoldParams
+    supports_secagg = True
 
     def __init__(self, params: BaseModel | None = None):
         super().__init__(params)

@@ -10,11 +10,17 @@ then treat exactly like FedAvg's mean.
 
 Integer tensors (e.g. BatchNorm counters) stay at the reference: their deltas would be
 released without noise.
+
+Under secure aggregation the coordinator never sees the deltas: the sites clip them and
+the secure sum arrives whole (``summed``, any object with ``mean(denominator)``); the
+noise is then calibrated to ``sensitivity``, the bound on one site's contribution to
+that sum (the clip norm plus the quantization's rounding).
 """
 
 from __future__ import annotations
 
 from collections.abc import Mapping
+from typing import Protocol
 
 import numpy as np
 
@@ -24,6 +30,12 @@ from strategies.privacy.noise import SecureGaussian
 from strategies.validation import delta_norm
 
 Arrays = Mapping[str, np.ndarray]
+
+
+class _Summed(Protocol):
+    count: int
+
+    def mean(self, denominator: float | None = None) -> dict[str, np.ndarray]: ...
 
 
 class ClippedNoisedMean:
@@ -42,6 +54,11 @@ class ClippedNoisedMean:
         noise that goes to the model update).
     noise
         The CSPRNG the noise comes from.
+    summed
+        An aggregate already summed elsewhere (secure aggregation); :meth:`add` is then
+        refused.
+    sensitivity
+        The L2 bound on one site's contribution to the sum (default ``clip_norm``).
     """
 
     def __init__(
@@ -51,6 +68,9 @@ class ClippedNoisedMean:
         denominator: float,
         noise_multiplier: float,
         noise: SecureGaussian,
+        *,
+        summed: _Summed | None = None,
+        sensitivity: float | None = None,
     ):
         if not denominator > 0:
             raise ValueError(f"the denominator must be > 0, got {denominator}")
@@ -61,9 +81,13 @@ class ClippedNoisedMean:
         self.denominator = float(denominator)
         self.noise_multiplier = float(noise_multiplier)
         self._noise = noise
-        self._sum = WeightedDeltaMean(reference)
+        self.sensitivity = self.clip_norm if sensitivity is None else float(sensitivity)
+        if not self.sensitivity >= self.clip_norm:
+            raise ValueError(f"the sensitivity must be >= the clip norm, got {sensitivity}")
+        self._summed = summed is not None
+        self._sum: _Summed = WeightedDeltaMean(reference) if summed is None else summed
         self._mean: dict[str, np.ndarray] | None = None
-        self.count = 0
+        self.count = 0 if summed is None else summed.count
         self.unclipped = 0
         """Updates whose delta norm was at most ``C`` (adaptive clipping counts them)."""
 
@@ -71,6 +95,8 @@ class ClippedNoisedMean:
         """Fold in one validated update, clipped; its example count is ignored."""
         if self._mean is not None:
             raise RuntimeError("the noised mean was already released")
+        if self._summed:
+            raise RuntimeError("this aggregate was summed securely; it takes no updates")
         norm = delta_norm(arrays, self.reference)
         self.unclipped += norm <= self.clip_norm
         self._sum.add(arrays, clip_factor(norm, self.clip_norm))
@@ -78,8 +104,9 @@ class ClippedNoisedMean:
 
     @property
     def noise_std(self) -> float:
-        """The std of the Gaussian noise on each coordinate of the mean: ``z C / m``."""
-        return self.noise_multiplier * self.clip_norm / self.denominator
+        """The std of the Gaussian noise on each coordinate of the mean: ``z S / m``, with
+        ``S`` the sensitivity (the clip norm ``C`` unless summed securely)."""
+        return self.noise_multiplier * self.sensitivity / self.denominator
 
     def mean(self) -> dict[str, np.ndarray]:
         """``sum of clipped deltas / m`` plus noise, drawn once (later calls return the

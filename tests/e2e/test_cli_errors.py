@@ -32,9 +32,9 @@ def simulate(tmp_path, text: str, *extra: str) -> subprocess.CompletedProcess[st
             "federation.sampling.method: privacy.dp needs poisson sampling",
         ),
         (
-            BASE + "privacy: {secure_aggregation: {enabled: true}}\n",
+            BASE + "privacy: {secure_aggregation: {enabled: true}}\nstrategy: {name: krum}\n",
             (),
-            "privacy.secure_aggregation.enabled",
+            "strategy.name: krum cannot run under secure aggregation",
         ),
         (
             BASE + "federation: {sites: 3, byzantine: {sites: 4}}\n",

@@ -64,3 +64,36 @@ class HostileSite(Client):
 
     def evaluate(self, arrays: Arrays, config: Config) -> EvaluateResult:
         return EvaluateResult(loss=0.0, num_examples=1)
+
+
+class ShiftSite(Client):
+    """Returns the global model plus a fixed, seeded delta (``scale`` times a standard
+    normal per float tensor) with ``num_examples`` examples; raises in
+    :meth:`before_stage` at ``drop_at`` (a secure-aggregation stage), like a site that
+    vanishes there."""
+
+    def __init__(self, seed: int, num_examples: int, scale: float = 0.01, drop_at: str = ""):
+        self.seed = seed
+        self.num_examples = num_examples
+        self.scale = scale
+        self.drop_at = drop_at
+
+    def delta(self, arrays: Arrays) -> dict[str, np.ndarray]:
+        rng = np.random.default_rng(self.seed)
+        return {
+            k: (self.scale * rng.standard_normal(v.shape)).astype(v.dtype)
+            for k, v in sorted(arrays.items())
+            if v.dtype.kind == "f"
+        }
+
+    def fit(self, arrays: Arrays, config: Config) -> FitResult:
+        delta = self.delta(arrays)
+        out = {k: (v + delta[k]).astype(v.dtype) if k in delta else v for k, v in arrays.items()}
+        return FitResult(out, num_examples=self.num_examples, metrics={"loss": 1.0})
+
+    def evaluate(self, arrays: Arrays, config: Config) -> EvaluateResult:
+        return EvaluateResult(loss=0.0, num_examples=1)
+
+    def before_stage(self, stage: str, config: Config) -> None:
+        if stage == self.drop_at:
+            raise RuntimeError(f"vanished at {stage}")

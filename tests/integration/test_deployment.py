@@ -19,7 +19,12 @@ pytestmark = pytest.mark.integration
 
 
 def experiment(
-    tmp_path: Path, rounds: int, timeout_s: float, min_sites: int = 2, strategy: str = "fedavg"
+    tmp_path: Path,
+    rounds: int,
+    timeout_s: float,
+    min_sites: int = 2,
+    strategy: str = "fedavg",
+    secure: bool = False,
 ) -> Path:
     path = tmp_path / "exp.yaml"
     path.write_text(
@@ -33,6 +38,7 @@ federation:
   sampling: {{fraction: 1.0, method: fixed, min_sites: {min_sites}, timeout_s: {timeout_s}}}
 training: {{local_epochs: 1, batch_size: 16, optimizer: {{name: sgd, lr: 0.05, momentum: 0.9}}}}
 strategy: {{name: {strategy}}}
+privacy: {{secure_aggregation: {{enabled: {str(secure).lower()}, stage_timeout_s: 10}}}}
 """
     )
     return path
@@ -153,8 +159,14 @@ def test_site_killed_mid_round_does_not_stall_the_round(tmp_path, processes):
     assert first["timings"]["total_s"] < timeout_s + 5  # committed at the deadline, not later
 
 
-@pytest.mark.parametrize("stop_signal", [signal.SIGKILL, signal.SIGTERM], ids=["kill", "term"])
-def test_run_survives_a_coordinator_kill_and_restart(tmp_path, processes, stop_signal):
+@pytest.mark.parametrize(
+    "stop_signal, secure",
+    [(signal.SIGKILL, True), (signal.SIGTERM, False)],
+    ids=["kill-secure-aggregation", "term"],
+)
+def test_run_survives_a_coordinator_kill_and_restart(tmp_path, processes, stop_signal, secure):
+    """Also under secure aggregation: the protocol's state dies with the coordinator, and
+    the interrupted round is redone with fresh keys (sites drop the attempt they held)."""
     port = free_port()
     data = tmp_path / "coord"
     coordinator = serve(processes, data, port)
@@ -178,7 +190,7 @@ def test_run_survives_a_coordinator_kill_and_restart(tmp_path, processes, stop_s
     follower = processes.start(
         "run",
         "run",
-        str(experiment(tmp_path, rounds=rounds, timeout_s=30, strategy="fedadam")),
+        str(experiment(tmp_path, rounds=rounds, timeout_s=30, strategy="fedadam", secure=secure)),
         "--coordinator",
         address,
         "--wait",
@@ -208,6 +220,9 @@ def test_run_survives_a_coordinator_kill_and_restart(tmp_path, processes, stop_s
     store = ModelStore(data / "models")
     for c in committed:  # FedAdam's moments were restored, not restarted, after the crash
         assert int(store.get(c["strategy_state"])["step"]) == c["round"]
+        assert c["secure_aggregation"]["mode"] == ("secagg" if secure else "off")
+    if secure:  # every round was its own attempt with its own keys
+        assert len({c["secure_aggregation"]["session"] for c in committed}) == rounds
     assert all(s.poll() is None for s in sites)  # sites reconnected by themselves
     assert follower.wait(timeout=60) == 0, processes.log(follower)  # `run --wait` rode it out
     assert f"round {rounds}/{rounds}" in processes.log(follower)

@@ -289,11 +289,6 @@ def test_validation_bounds_parse_and_are_checked():
 @pytest.mark.parametrize(
     "text, key, what",
     [
-        (
-            BASE + "privacy: {secure_aggregation: {enabled: true}}\n",
-            "privacy.secure_aggregation.enabled",
-            "secure aggregation",
-        ),
         (BASE + "mlflow: {tracking_uri: x}\n", "mlflow", "mlflow export"),
         (BASE + "drift: {psi: 0.2}\n", "drift", "drift checks"),
         (BASE + "simulation: {backend: ray}\n", "simulation.backend", "the ray backend"),
@@ -427,8 +422,63 @@ def test_later_overrides_win_and_the_text_is_not_changed():
 
 
 def test_overrides_can_turn_on_refused_features_only_to_be_refused():
-    err = error_of(BASE, ("privacy.secure_aggregation.enabled=true",))
-    assert err.key == "privacy.secure_aggregation.enabled"
+    err = error_of(BASE, ("simulation.backend=ray",))
+    assert err.key == "simulation.backend"
+
+
+SECAGG = BASE + "privacy: {secure_aggregation: {enabled: true}}\n"
+
+
+def test_secure_aggregation_defaults():
+    secagg = parse_experiment(SECAGG).privacy.secure_aggregation
+    assert secagg.enabled and secagg.ring_bits == 32 and secagg.levels is None
+    assert (secagg.clip_range, secagg.max_examples, secagg.stage_timeout_s) == (1.0, 100_000, 30.0)
+    assert parse_experiment(BASE).privacy.secure_aggregation.enabled is False
+
+
+@pytest.mark.parametrize(
+    "text, key, message",
+    [
+        (SECAGG + "strategy: {name: krum}\n", "strategy.name", "cannot run under secure"),
+        (SECAGG + "strategy: {name: fedmedian}\n", "strategy.name", "individual updates"),
+        (
+            SECAGG.replace("enabled: true", "enabled: true, levels: 1000000000"),
+            "privacy.secure_aggregation.levels",
+            "overflow",
+        ),
+        (
+            SECAGG.replace("enabled: true", "enabled: true, ring_bits: 4"),
+            "privacy.secure_aggregation.ring_bits",
+            "must be >= 8",
+        ),
+        (
+            SECAGG.replace("enabled: true", "enabled: true, corrupt_fraction: 0.5"),
+            "privacy.secure_aggregation.corrupt_fraction",
+            "must be < 0.5",
+        ),
+        (
+            SECAGG + "federation: {sites: 2}\n",
+            "federation.sites",
+            "at least 3 sites",
+        ),
+        (
+            SECAGG.replace("}}\n", "}, dp: {noise_multiplier: 1.0}}\n")
+            + "federation: {sampling: {method: poisson}}\n",
+            "privacy.dp.mode",
+            "use mode: client",
+        ),
+    ],
+)
+def test_secure_aggregation_settings_it_cannot_honour_are_refused(text, key, message):
+    err = error_of(text)
+    assert err.key == key and message in err.message, (err.key, err.message)
+
+
+def test_secure_aggregation_runs_with_client_side_dp_and_scaffold():
+    text = SECAGG.replace("}}\n", "}, dp: {noise_multiplier: 1.0, mode: client}}\n")
+    exp = parse_experiment(text + "federation: {sampling: {method: poisson}}\n")
+    assert exp.privacy.dp is not None and exp.privacy.dp.mode == "client"
+    assert parse_experiment(SECAGG + "strategy: {name: scaffold}\n").strategy.name == "scaffold"
 
 
 @pytest.mark.parametrize(

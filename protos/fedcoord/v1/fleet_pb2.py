@@ -23,9 +23,10 @@ _sym_db = _symbol_database.Default()
 
 
 from protos.fedcoord.v1 import common_pb2 as protos_dot_fedcoord_dot_v1_dot_common__pb2
+from protos.fedcoord.v1 import secagg_pb2 as protos_dot_fedcoord_dot_v1_dot_secagg__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1eprotos/fedcoord/v1/fleet.proto\x12\x0b\x66\x65\x64\x63oord.v1\x1a\x1fprotos/fedcoord/v1/common.proto\"\xb6\x01\n\rEnrollRequest\x12\x0f\n\x07site_id\x18\x01 \x01(\t\x12\r\n\x05token\x18\x02 \x01(\t\x12\x12\n\npublic_key\x18\x03 \x01(\x0c\x12>\n\nproperties\x18\x04 \x03(\x0b\x32*.fedcoord.v1.EnrollRequest.PropertiesEntry\x1a\x31\n\x0fPropertiesEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"T\n\x0b\x45nrollReply\x12\x0f\n\x07site_id\x18\x01 \x01(\t\x12\x16\n\x0e\x63oordinator_id\x18\x02 \x01(\t\x12\x1c\n\x14heartbeat_interval_s\x18\x03 \x01(\r\"O\n\x0fPullTaskRequest\x12\x0f\n\x07site_id\x18\x01 \x01(\t\x12\x1b\n\x13\x63\x61\x63hed_model_digest\x18\x02 \x01(\t\x12\x0e\n\x06wait_s\x18\x03 \x01(\r\"\xce\x01\n\nTaskHeader\x12\x0f\n\x07task_id\x18\x01 \x01(\t\x12\x0e\n\x06run_id\x18\x02 \x01(\t\x12\r\n\x05round\x18\x03 \x01(\r\x12#\n\x04kind\x18\x04 \x01(\x0e\x32\x15.fedcoord.v1.TaskKind\x12\x13\n\x0b\x63onfig_json\x18\x05 \x01(\t\x12\x14\n\x0cmodel_digest\x18\x06 \x01(\t\x12)\n\x05model\x18\x07 \x01(\x0b\x32\x1a.fedcoord.v1.PayloadHeader\x12\x15\n\rdeadline_unix\x18\x08 \x01(\x01\" \n\x06NoTask\x12\x16\n\x0eretry_after_ms\x18\x01 \x01(\r\"\x8a\x01\n\x0bTaskMessage\x12)\n\x06header\x18\x01 \x01(\x0b\x32\x17.fedcoord.v1.TaskHeaderH\x00\x12#\n\x05\x63hunk\x18\x02 \x01(\x0b\x32\x12.fedcoord.v1.ChunkH\x00\x12#\n\x04none\x18\x03 \x01(\x0b\x32\x13.fedcoord.v1.NoTaskH\x00\x42\x06\n\x04kind\"\xea\x01\n\x0cResultHeader\x12\x0f\n\x07site_id\x18\x01 \x01(\t\x12\x0f\n\x07task_id\x18\x02 \x01(\t\x12\x14\n\x0cnum_examples\x18\x03 \x01(\x04\x12\x37\n\x07metrics\x18\x04 \x03(\x0b\x32&.fedcoord.v1.ResultHeader.MetricsEntry\x12*\n\x06update\x18\x05 \x01(\x0b\x32\x1a.fedcoord.v1.PayloadHeader\x12\r\n\x05\x65rror\x18\x06 \x01(\t\x1a.\n\x0cMetricsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x01:\x02\x38\x01\"i\n\rResultMessage\x12+\n\x06header\x18\x01 \x01(\x0b\x32\x19.fedcoord.v1.ResultHeaderH\x00\x12#\n\x05\x63hunk\x18\x02 \x01(\x0b\x32\x12.fedcoord.v1.ChunkH\x00\x42\x06\n\x04kind\"-\n\tPushReply\x12\x10\n\x08\x61\x63\x63\x65pted\x18\x01 \x01(\x08\x12\x0e\n\x06reason\x18\x02 \x01(\t\"4\n\x10HeartbeatRequest\x12\x0f\n\x07site_id\x18\x01 \x01(\t\x12\x0f\n\x07task_id\x18\x02 \x01(\t\"%\n\x0eHeartbeatReply\x12\x13\n\x0btask_active\x18\x01 \x01(\x08*P\n\x08TaskKind\x12\x19\n\x15TASK_KIND_UNSPECIFIED\x10\x00\x12\x11\n\rTASK_KIND_FIT\x10\x01\x12\x16\n\x12TASK_KIND_EVALUATE\x10\x02\x32\x9a\x02\n\x05\x46leet\x12>\n\x06\x45nroll\x12\x1a.fedcoord.v1.EnrollRequest\x1a\x18.fedcoord.v1.EnrollReply\x12\x44\n\x08PullTask\x12\x1c.fedcoord.v1.PullTaskRequest\x1a\x18.fedcoord.v1.TaskMessage0\x01\x12\x42\n\nPushResult\x12\x1a.fedcoord.v1.ResultMessage\x1a\x16.fedcoord.v1.PushReply(\x01\x12G\n\tHeartbeat\x12\x1d.fedcoord.v1.HeartbeatRequest\x1a\x1b.fedcoord.v1.HeartbeatReplyb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1eprotos/fedcoord/v1/fleet.proto\x12\x0b\x66\x65\x64\x63oord.v1\x1a\x1fprotos/fedcoord/v1/common.proto\x1a\x1fprotos/fedcoord/v1/secagg.proto\"\xb6\x01\n\rEnrollRequest\x12\x0f\n\x07site_id\x18\x01 \x01(\t\x12\r\n\x05token\x18\x02 \x01(\t\x12\x12\n\npublic_key\x18\x03 \x01(\x0c\x12>\n\nproperties\x18\x04 \x03(\x0b\x32*.fedcoord.v1.EnrollRequest.PropertiesEntry\x1a\x31\n\x0fPropertiesEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"T\n\x0b\x45nrollReply\x12\x0f\n\x07site_id\x18\x01 \x01(\t\x12\x16\n\x0e\x63oordinator_id\x18\x02 \x01(\t\x12\x1c\n\x14heartbeat_interval_s\x18\x03 \x01(\r\"O\n\x0fPullTaskRequest\x12\x0f\n\x07site_id\x18\x01 \x01(\t\x12\x1b\n\x13\x63\x61\x63hed_model_digest\x18\x02 \x01(\t\x12\x0e\n\x06wait_s\x18\x03 \x01(\r\"\xf7\x01\n\nTaskHeader\x12\x0f\n\x07task_id\x18\x01 \x01(\t\x12\x0e\n\x06run_id\x18\x02 \x01(\t\x12\r\n\x05round\x18\x03 \x01(\r\x12#\n\x04kind\x18\x04 \x01(\x0e\x32\x15.fedcoord.v1.TaskKind\x12\x13\n\x0b\x63onfig_json\x18\x05 \x01(\t\x12\x14\n\x0cmodel_digest\x18\x06 \x01(\t\x12)\n\x05model\x18\x07 \x01(\x0b\x32\x1a.fedcoord.v1.PayloadHeader\x12\x15\n\rdeadline_unix\x18\x08 \x01(\x01\x12\'\n\x06secagg\x18\t \x01(\x0b\x32\x17.fedcoord.v1.SecAggTask\" \n\x06NoTask\x12\x16\n\x0eretry_after_ms\x18\x01 \x01(\r\"\x8a\x01\n\x0bTaskMessage\x12)\n\x06header\x18\x01 \x01(\x0b\x32\x17.fedcoord.v1.TaskHeaderH\x00\x12#\n\x05\x63hunk\x18\x02 \x01(\x0b\x32\x12.fedcoord.v1.ChunkH\x00\x12#\n\x04none\x18\x03 \x01(\x0b\x32\x13.fedcoord.v1.NoTaskH\x00\x42\x06\n\x04kind\"\x94\x02\n\x0cResultHeader\x12\x0f\n\x07site_id\x18\x01 \x01(\t\x12\x0f\n\x07task_id\x18\x02 \x01(\t\x12\x14\n\x0cnum_examples\x18\x03 \x01(\x04\x12\x37\n\x07metrics\x18\x04 \x03(\x0b\x32&.fedcoord.v1.ResultHeader.MetricsEntry\x12*\n\x06update\x18\x05 \x01(\x0b\x32\x1a.fedcoord.v1.PayloadHeader\x12\r\n\x05\x65rror\x18\x06 \x01(\t\x12(\n\x06secagg\x18\x07 \x01(\x0b\x32\x18.fedcoord.v1.SecAggReply\x1a.\n\x0cMetricsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x01:\x02\x38\x01\"i\n\rResultMessage\x12+\n\x06header\x18\x01 \x01(\x0b\x32\x19.fedcoord.v1.ResultHeaderH\x00\x12#\n\x05\x63hunk\x18\x02 \x01(\x0b\x32\x12.fedcoord.v1.ChunkH\x00\x42\x06\n\x04kind\"-\n\tPushReply\x12\x10\n\x08\x61\x63\x63\x65pted\x18\x01 \x01(\x08\x12\x0e\n\x06reason\x18\x02 \x01(\t\"4\n\x10HeartbeatRequest\x12\x0f\n\x07site_id\x18\x01 \x01(\t\x12\x0f\n\x07task_id\x18\x02 \x01(\t\"%\n\x0eHeartbeatReply\x12\x13\n\x0btask_active\x18\x01 \x01(\x08*f\n\x08TaskKind\x12\x19\n\x15TASK_KIND_UNSPECIFIED\x10\x00\x12\x11\n\rTASK_KIND_FIT\x10\x01\x12\x16\n\x12TASK_KIND_EVALUATE\x10\x02\x12\x14\n\x10TASK_KIND_SECAGG\x10\x03\x32\x9a\x02\n\x05\x46leet\x12>\n\x06\x45nroll\x12\x1a.fedcoord.v1.EnrollRequest\x1a\x18.fedcoord.v1.EnrollReply\x12\x44\n\x08PullTask\x12\x1c.fedcoord.v1.PullTaskRequest\x1a\x18.fedcoord.v1.TaskMessage0\x01\x12\x42\n\nPushResult\x12\x1a.fedcoord.v1.ResultMessage\x1a\x16.fedcoord.v1.PushReply(\x01\x12G\n\tHeartbeat\x12\x1d.fedcoord.v1.HeartbeatRequest\x1a\x1b.fedcoord.v1.HeartbeatReplyb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -36,34 +37,34 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_ENROLLREQUEST_PROPERTIESENTRY']._serialized_options = b'8\001'
   _globals['_RESULTHEADER_METRICSENTRY']._loaded_options = None
   _globals['_RESULTHEADER_METRICSENTRY']._serialized_options = b'8\001'
-  _globals['_TASKKIND']._serialized_start=1300
-  _globals['_TASKKIND']._serialized_end=1380
-  _globals['_ENROLLREQUEST']._serialized_start=81
-  _globals['_ENROLLREQUEST']._serialized_end=263
-  _globals['_ENROLLREQUEST_PROPERTIESENTRY']._serialized_start=214
-  _globals['_ENROLLREQUEST_PROPERTIESENTRY']._serialized_end=263
-  _globals['_ENROLLREPLY']._serialized_start=265
-  _globals['_ENROLLREPLY']._serialized_end=349
-  _globals['_PULLTASKREQUEST']._serialized_start=351
-  _globals['_PULLTASKREQUEST']._serialized_end=430
-  _globals['_TASKHEADER']._serialized_start=433
-  _globals['_TASKHEADER']._serialized_end=639
-  _globals['_NOTASK']._serialized_start=641
-  _globals['_NOTASK']._serialized_end=673
-  _globals['_TASKMESSAGE']._serialized_start=676
-  _globals['_TASKMESSAGE']._serialized_end=814
-  _globals['_RESULTHEADER']._serialized_start=817
-  _globals['_RESULTHEADER']._serialized_end=1051
-  _globals['_RESULTHEADER_METRICSENTRY']._serialized_start=1005
-  _globals['_RESULTHEADER_METRICSENTRY']._serialized_end=1051
-  _globals['_RESULTMESSAGE']._serialized_start=1053
-  _globals['_RESULTMESSAGE']._serialized_end=1158
-  _globals['_PUSHREPLY']._serialized_start=1160
-  _globals['_PUSHREPLY']._serialized_end=1205
-  _globals['_HEARTBEATREQUEST']._serialized_start=1207
-  _globals['_HEARTBEATREQUEST']._serialized_end=1259
-  _globals['_HEARTBEATREPLY']._serialized_start=1261
-  _globals['_HEARTBEATREPLY']._serialized_end=1298
-  _globals['_FLEET']._serialized_start=1383
-  _globals['_FLEET']._serialized_end=1665
+  _globals['_TASKKIND']._serialized_start=1416
+  _globals['_TASKKIND']._serialized_end=1518
+  _globals['_ENROLLREQUEST']._serialized_start=114
+  _globals['_ENROLLREQUEST']._serialized_end=296
+  _globals['_ENROLLREQUEST_PROPERTIESENTRY']._serialized_start=247
+  _globals['_ENROLLREQUEST_PROPERTIESENTRY']._serialized_end=296
+  _globals['_ENROLLREPLY']._serialized_start=298
+  _globals['_ENROLLREPLY']._serialized_end=382
+  _globals['_PULLTASKREQUEST']._serialized_start=384
+  _globals['_PULLTASKREQUEST']._serialized_end=463
+  _globals['_TASKHEADER']._serialized_start=466
+  _globals['_TASKHEADER']._serialized_end=713
+  _globals['_NOTASK']._serialized_start=715
+  _globals['_NOTASK']._serialized_end=747
+  _globals['_TASKMESSAGE']._serialized_start=750
+  _globals['_TASKMESSAGE']._serialized_end=888
+  _globals['_RESULTHEADER']._serialized_start=891
+  _globals['_RESULTHEADER']._serialized_end=1167
+  _globals['_RESULTHEADER_METRICSENTRY']._serialized_start=1121
+  _globals['_RESULTHEADER_METRICSENTRY']._serialized_end=1167
+  _globals['_RESULTMESSAGE']._serialized_start=1169
+  _globals['_RESULTMESSAGE']._serialized_end=1274
+  _globals['_PUSHREPLY']._serialized_start=1276
+  _globals['_PUSHREPLY']._serialized_end=1321
+  _globals['_HEARTBEATREQUEST']._serialized_start=1323
+  _globals['_HEARTBEATREQUEST']._serialized_end=1375
+  _globals['_HEARTBEATREPLY']._serialized_start=1377
+  _globals['_HEARTBEATREPLY']._serialized_end=1414
+  _globals['_FLEET']._serialized_start=1521
+  _globals['_FLEET']._serialized_end=1803
 # @@protoc_insertion_point(module_scope)

@@ -1,4 +1,5 @@
 from protos.fedcoord.v1 import common_pb2 as _common_pb2
+from protos.fedcoord.v1 import secagg_pb2 as _secagg_pb2
 from google.protobuf.internal import containers as _containers
 from google.protobuf.internal import enum_type_wrapper as _enum_type_wrapper
 from google.protobuf import descriptor as _descriptor
@@ -13,9 +14,11 @@ class TaskKind(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     TASK_KIND_UNSPECIFIED: _ClassVar[TaskKind]
     TASK_KIND_FIT: _ClassVar[TaskKind]
     TASK_KIND_EVALUATE: _ClassVar[TaskKind]
+    TASK_KIND_SECAGG: _ClassVar[TaskKind]
 TASK_KIND_UNSPECIFIED: TaskKind
 TASK_KIND_FIT: TaskKind
 TASK_KIND_EVALUATE: TaskKind
+TASK_KIND_SECAGG: TaskKind
 
 class EnrollRequest(_message.Message):
     __slots__ = ("site_id", "token", "public_key", "properties")
@@ -57,7 +60,7 @@ class PullTaskRequest(_message.Message):
     def __init__(self, site_id: _Optional[str] = ..., cached_model_digest: _Optional[str] = ..., wait_s: _Optional[int] = ...) -> None: ...
 
 class TaskHeader(_message.Message):
-    __slots__ = ("task_id", "run_id", "round", "kind", "config_json", "model_digest", "model", "deadline_unix")
+    __slots__ = ("task_id", "run_id", "round", "kind", "config_json", "model_digest", "model", "deadline_unix", "secagg")
     TASK_ID_FIELD_NUMBER: _ClassVar[int]
     RUN_ID_FIELD_NUMBER: _ClassVar[int]
     ROUND_FIELD_NUMBER: _ClassVar[int]
@@ -66,6 +69,7 @@ class TaskHeader(_message.Message):
     MODEL_DIGEST_FIELD_NUMBER: _ClassVar[int]
     MODEL_FIELD_NUMBER: _ClassVar[int]
     DEADLINE_UNIX_FIELD_NUMBER: _ClassVar[int]
+    SECAGG_FIELD_NUMBER: _ClassVar[int]
     task_id: str
     run_id: str
     round: int
@@ -74,7 +78,8 @@ class TaskHeader(_message.Message):
     model_digest: str
     model: _common_pb2.PayloadHeader
     deadline_unix: float
-    def __init__(self, task_id: _Optional[str] = ..., run_id: _Optional[str] = ..., round: _Optional[int] = ..., kind: _Optional[_Union[TaskKind, str]] = ..., config_json: _Optional[str] = ..., model_digest: _Optional[str] = ..., model: _Optional[_Union[_common_pb2.PayloadHeader, _Mapping]] = ..., deadline_unix: _Optional[float] = ...) -> None: ...
+    secagg: _secagg_pb2.SecAggTask
+    def __init__(self, task_id: _Optional[str] = ..., run_id: _Optional[str] = ..., round: _Optional[int] = ..., kind: _Optional[_Union[TaskKind, str]] = ..., config_json: _Optional[str] = ..., model_digest: _Optional[str] = ..., model: _Optional[_Union[_common_pb2.PayloadHeader, _Mapping]] = ..., deadline_unix: _Optional[float] = ..., secagg: _Optional[_Union[_secagg_pb2.SecAggTask, _Mapping]] = ...) -> None: ...
 
 class NoTask(_message.Message):
     __slots__ = ("retry_after_ms",)
@@ -93,7 +98,7 @@ class TaskMessage(_message.Message):
     def __init__(self, header: _Optional[_Union[TaskHeader, _Mapping]] = ..., chunk: _Optional[_Union[_common_pb2.Chunk, _Mapping]] = ..., none: _Optional[_Union[NoTask, _Mapping]] = ...) -> None: ...
 
 class ResultHeader(_message.Message):
-    __slots__ = ("site_id", "task_id", "num_examples", "metrics", "update", "error")
+    __slots__ = ("site_id", "task_id", "num_examples", "metrics", "update", "error", "secagg")
     class MetricsEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -107,13 +112,15 @@ class ResultHeader(_message.Message):
     METRICS_FIELD_NUMBER: _ClassVar[int]
     UPDATE_FIELD_NUMBER: _ClassVar[int]
     ERROR_FIELD_NUMBER: _ClassVar[int]
+    SECAGG_FIELD_NUMBER: _ClassVar[int]
     site_id: str
     task_id: str
     num_examples: int
     metrics: _containers.ScalarMap[str, float]
     update: _common_pb2.PayloadHeader
     error: str
-    def __init__(self, site_id: _Optional[str] = ..., task_id: _Optional[str] = ..., num_examples: _Optional[int] = ..., metrics: _Optional[_Mapping[str, float]] = ..., update: _Optional[_Union[_common_pb2.PayloadHeader, _Mapping]] = ..., error: _Optional[str] = ...) -> None: ...
+    secagg: _secagg_pb2.SecAggReply
+    def __init__(self, site_id: _Optional[str] = ..., task_id: _Optional[str] = ..., num_examples: _Optional[int] = ..., metrics: _Optional[_Mapping[str, float]] = ..., update: _Optional[_Union[_common_pb2.PayloadHeader, _Mapping]] = ..., error: _Optional[str] = ..., secagg: _Optional[_Union[_secagg_pb2.SecAggReply, _Mapping]] = ...) -> None: ...
 
 class ResultMessage(_message.Message):
     __slots__ = ("header", "chunk")
