@@ -1,18 +1,25 @@
 """``fedcoord simulate`` on this machine: a real coordinator on 127.0.0.1 and real sites.
 
 The coordinator (gRPC server, round engine, SQLite ledger, model store) runs in this
-process; the sites run in ``simulation.workers`` spawned worker processes and talk
-gRPC to it exactly as remote sites would.
+process; the sites run in ``simulation.workers`` worker processes and talk gRPC to it
+exactly as remote sites would. The workers are forked from a fork server started first,
+which imports torch and the harness once while this process prepares the run.
 """
 
 from __future__ import annotations
 
+import atexit
+import contextlib
 import inspect
 import json
 import multiprocessing as mp
+import os
+import signal
 import sys
 import time
 from collections.abc import Callable
+from multiprocessing import forkserver
+from multiprocessing.context import BaseContext
 from pathlib import Path
 from typing import Any, TextIO
 
@@ -22,6 +29,10 @@ from coordinator.experiment import Experiment
 from coordinator.server import Coordinator
 from coordinator.tasks import load_task
 from simulations.sites import worker_main
+
+WORKER_PRELOAD = ["simulations.sites", "simulations.tasks.base", "torch._dynamo"]
+"""Imported once by the fork server that starts the workers, so each worker does not
+pay for torch, scikit-learn and torch's optimizer machinery again."""
 
 PRINTED = frozenset(
     {"run_started", "run_resumed", "round_committed", "round_failed", "run_finished"}
@@ -60,11 +71,33 @@ def preflight(exp: Experiment) -> None:
     task.make_client(0, fed.sites, fed.partition.spec(), exp.seed, **extra)
 
 
+def worker_context() -> BaseContext:
+    """The context that starts the worker processes: a fork server, started now so that
+    it imports what the workers need while this process prepares the run (workers forked
+    from it start at once, and no gRPC state of this process is inherited)."""
+    ctx = mp.get_context("forkserver")
+    ctx.set_forkserver_preload(WORKER_PRELOAD)
+    forkserver.ensure_running()
+    atexit.register(stop_fork_server)  # kept for later simulations of this process
+    return ctx
+
+
+def stop_fork_server() -> None:
+    """End the fork server at once (at exit): it holds no state, and left alone its
+    interpreter takes seconds to tear torch down after this process has exited, keeping
+    this process's output pipes open meanwhile."""
+    pid = getattr(forkserver._forkserver, "_forkserver_pid", None)
+    if pid is not None:
+        with contextlib.suppress(OSError):
+            os.kill(pid, signal.SIGTERM)
+
+
 def simulate(exp: Experiment, out_dir: Path, stream: TextIO = sys.stdout) -> dict[str, Any]:
     """Run the whole federation; returns the run's ``summary.json`` content."""
-    preflight(exp)
     if (out_dir / "ledger.db").exists():
         raise ConfigError("--out", f"{out_dir} already holds a run; choose another directory")
+    ctx = worker_context()
+    preflight(exp)
     coordinator = Coordinator(
         out_dir,
         "127.0.0.1:0",
@@ -74,7 +107,6 @@ def simulate(exp: Experiment, out_dir: Path, stream: TextIO = sys.stdout) -> dic
         max_workers=max(256, exp.federation.sites + 64),
     )
     coordinator.engine.add_listener(printer(stream))
-    ctx = mp.get_context("spawn")
     stop = ctx.Event()
     workers = [
         ctx.Process(
