@@ -42,7 +42,8 @@ protos: $(VENV)/.dev
 
 # Side-by-side benchmarks: every benchmarks/*.py module but the shared helpers; each
 # prints a table, writes benchmarks/results/<name>.json and its section of RESULTS.md.
-BENCHMARKS := $(filter-out __init__ common,$(basename $(notdir $(wildcard benchmarks/*.py))))
+# flower_secagg is the Flower side of secagg, not a benchmark of its own.
+BENCHMARKS := $(filter-out __init__ common flower_secagg,$(basename $(notdir $(wildcard benchmarks/*.py))))
 
 bench: $(VENV)/.dev
 	@for m in $(BENCHMARKS); do \

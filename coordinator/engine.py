@@ -405,7 +405,7 @@ class RoundEngine:
     def _round_with_retries(self, run: ActiveRun, round_no: int) -> None:
         reason = ""
         for attempt in range(1, MAX_ROUND_ATTEMPTS + 1):
-            reason = self._round(run, round_no)
+            reason = self._round(run, round_no, attempt)
             if not reason or run.halted(self._shutdown):
                 return
             self.emit(
@@ -441,10 +441,11 @@ class RoundEngine:
             time.sleep(0.1)
         return []
 
-    def _round(self, run: ActiveRun, round_no: int) -> str:
-        """Sample, collect and, at quorum, commit one round; the reason it must be redone
-        ("" when committed or halted). Under central DP every round commits with its
-        plain Poisson draw, whatever its size: the noised mean needs no quorum."""
+    def _round(self, run: ActiveRun, round_no: int, attempt: int = 1) -> str:
+        """Sample, collect and, at quorum, commit one round (its ``attempt``-th try); the
+        reason it must be redone ("" when committed or halted). Under central DP every
+        round commits with its plain Poisson draw, whatever its size: the noised mean
+        needs no quorum."""
         t0 = time.time()
         sampling = run.exp.federation.sampling
         privacy = run.privacy
@@ -461,6 +462,7 @@ class RoundEngine:
         config = canonical_json({
             **run.exp.round_config(), **strategy.fit_config(round_no),
             **(privacy.round_config() if privacy else {}), "round": round_no,
+            "attempt": attempt,
         })  # fmt: skip
         deadline = time.time() + sampling.timeout_s
         reference = strategy.update_reference(run.model)

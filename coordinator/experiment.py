@@ -195,7 +195,7 @@ class SecureAggregation(Spec):
     ring_bits: Annotated[int, Field(ge=8, le=32)] = 32
     levels: Annotated[int, Field(ge=2)] | None = None
     max_examples: Annotated[int, Field(ge=1)] | None = 100_000
-    dropout_rate: Annotated[float, Field(ge=0, lt=1)] = 0.1
+    dropout_rate: Annotated[float, Field(ge=0, lt=1)] = 0.05
     corrupt_fraction: Annotated[float, Field(ge=0, lt=0.5)] = 0.05
     stage_timeout_s: Positive = 30.0
 

@@ -127,6 +127,7 @@ class _Stages:
         survivors: tuple[str, ...],
         collector: Collector,
         rejected: Mapping[str, str],
+        seconds: float,
     ) -> None:
         alive = set(survivors)
         dropped = []
@@ -139,7 +140,14 @@ class _Stages:
             else:
                 reason = o.reason or o.status
             dropped.append({"site": site, "reason": reason})
-        self.records.append({"stage": stage, "survivors": sorted(alive), "dropped": dropped})
+        self.records.append(
+            {
+                "stage": stage,
+                "survivors": sorted(alive),
+                "dropped": dropped,
+                "seconds": round(seconds, 4),
+            }
+        )
 
 
 def headline(settings: SecureAggregation, dp_clip: float | None) -> str:
@@ -208,6 +216,7 @@ class SecureRound:
         self.stages = _Stages()
         self._fit_metrics: dict[str, dict[str, float]] = {}
         self._masked_digests: dict[str, str] = {}
+        self._stage_seconds: dict[str, float] = {}
 
     # ledger ---------------------------------------------------------------------------
     def record(self) -> dict[str, Any]:
@@ -317,11 +326,13 @@ class SecureRound:
             )
             for site, task in tasks.items()
         ]  # fmt: skip
+        t0 = time.time()
         self.dispatcher.post(assignments)
         try:
             self._wait(collector, deadline)
         finally:
             self.dispatcher.withdraw(assignments)
+            self._stage_seconds[stage] = time.time() - t0
         if self._halted():
             raise SecAggAborted(stage, "halted", "the run or the coordinator is stopping")
         return collector
@@ -466,6 +477,7 @@ class SecureRound:
     def _close(self, stage: str, collector: StageCollector, finish: Callable[[Any], Any]) -> Any:
         """Hand the stage's replies to the server and record who survived it."""
         asked = sorted(collector.expected)
+        t0 = time.time()
         try:
             value = finish(collector.replies)
         finally:
@@ -473,7 +485,8 @@ class SecureRound:
             survivors = record.survivors if record is not None else ()
             rejected = dict(record.rejected) if record is not None else {}
             rejected.update(collector.rejections())
-            self.stages.add(stage, asked, survivors, collector, rejected)
+            seconds = self._stage_seconds.get(stage, 0.0) + time.time() - t0
+            self.stages.add(stage, asked, survivors, collector, rejected, seconds)
         return value
 
 

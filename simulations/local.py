@@ -17,7 +17,7 @@ import os
 import signal
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from multiprocessing import forkserver
 from multiprocessing.context import BaseContext
 from pathlib import Path
@@ -92,8 +92,17 @@ def stop_fork_server() -> None:
             os.kill(pid, signal.SIGTERM)
 
 
-def simulate(exp: Experiment, out_dir: Path, stream: TextIO = sys.stdout) -> dict[str, Any]:
-    """Run the whole federation; returns the run's ``summary.json`` content."""
+def simulate(
+    exp: Experiment,
+    out_dir: Path,
+    stream: TextIO = sys.stdout,
+    listeners: Sequence[Callable[[RunEvent], None]] = (),
+) -> dict[str, Any]:
+    """Run the whole federation; returns the run's ``summary.json`` content.
+
+    ``listeners`` are called with every run event, as the progress printer is (e.g. to
+    measure the coordinator per round).
+    """
     if (out_dir / "ledger.db").exists():
         raise ConfigError("--out", f"{out_dir} already holds a run; choose another directory")
     ctx = worker_context()
@@ -106,7 +115,8 @@ def simulate(exp: Experiment, out_dir: Path, stream: TextIO = sys.stdout) -> dic
         # every simulated site holds a long-poll open: one server thread each, plus spare
         max_workers=max(256, exp.federation.sites + 64),
     )
-    coordinator.engine.add_listener(printer(stream))
+    for listener in (printer(stream), *listeners):
+        coordinator.engine.add_listener(listener)
     stop = ctx.Event()
     workers = [
         ctx.Process(

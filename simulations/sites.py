@@ -64,11 +64,14 @@ class SimulatedSite(Client):
 
     def _drop_stage(self, config: Config) -> str | None:
         """Where this site drops out of this round, if it does: at training, or under
-        secure aggregation at any stage (so every dropout path is exercised)."""
+        secure aggregation at any stage (so every dropout path is exercised). Seeded by
+        the round and the attempt: a redone round sees other dropouts, as in life."""
         p = self.exp.federation.dropout
         if p <= 0.0:
             return None
-        rng = np.random.default_rng([self.exp.seed, int(config.get("round", 0)), self.index, 1])
+        key = [self.exp.seed, int(config.get("round", 0)), self.index, 1]
+        attempt = int(config.get("attempt", 1))
+        rng = np.random.default_rng(key if attempt == 1 else [*key, attempt])  # a redo differs
         if rng.random() >= p:
             return None
         if not self.exp.privacy.secure_aggregation.enabled:

@@ -148,13 +148,7 @@ class WeightedDeltaMean:
         ``denominator`` replaces the total weight (a fixed-denominator mean, as central
         DP needs); with it, no updates give zeros instead of an error.
         """
-        if denominator is None:
-            if self.count == 0 or self.total_weight <= 0.0:
-                raise ValueError("no updates were aggregated")
-            denominator = self.total_weight
-        if not denominator > 0.0:
-            raise ValueError(f"denominator must be > 0, got {denominator}")
-        inv = 1.0 / float(denominator)
+        inv = 1.0 / mean_denominator(denominator, self.count, self.total_weight)
         out: dict[str, np.ndarray] = {}
         for name, sl in self._float_slices.items():
             ref = self.reference[name]
@@ -163,6 +157,18 @@ class WeightedDeltaMean:
             dtype = self.reference[name].dtype
             out[name] = np.rint(acc * inv).astype(dtype)
         return out
+
+
+def mean_denominator(denominator: float | None, count: int, total_weight: float) -> float:
+    """What a mean divides by: ``denominator`` when given (a fixed-denominator mean), else
+    the total weight of the ``count`` updates (ValueError when there are none)."""
+    if denominator is None:
+        if count == 0 or total_weight <= 0.0:
+            raise ValueError("no updates were aggregated")
+        denominator = total_weight
+    if not denominator > 0.0:
+        raise ValueError(f"denominator must be > 0, got {denominator}")
+    return float(denominator)
 
 
 def _plan_blocks(

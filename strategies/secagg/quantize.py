@@ -176,26 +176,37 @@ def quantize(
     top = float(int(config.levels) - 1)
     stream = KeyStream(os.urandom(SEED_BYTES) if seed is None else seed, _ROUNDING_CONTEXT)
     out = np.empty(flat.size, dtype=np.uint32)
-    bits = np.empty(min(CHUNK_WORDS, max(flat.size, 1)), dtype=np.uint64)
+    size = min(CHUNK_WORDS, max(flat.size, 1))  # scratch reused for every chunk
+    x_buf, low_buf = np.empty(size, np.float64), np.empty(size, np.float64)
+    uniform_buf, bits_buf = np.empty(size, np.float64), np.empty(size, np.uint64)
+    flag_buf = np.empty(size, np.bool_)
     clipped = 0
     for lo in range(0, flat.size, CHUNK_WORDS):
         hi = min(lo + CHUNK_WORDS, flat.size)
-        x = flat[lo:hi].astype(np.float64)
-        if not np.isfinite(x).all():
+        m = hi - lo
+        x, low, uniform, bits, flag = (
+            x_buf[:m],
+            low_buf[:m],
+            uniform_buf[:m],
+            bits_buf[:m],
+            flag_buf[:m],
+        )
+        x[...] = flat[lo:hi]
+        if not np.isfinite(x, out=flag).all():
             raise ValueError("cannot quantize non-finite values (NaN or infinity)")
-        clipped += int(np.count_nonzero(np.abs(x) > r))
+        clipped += int(np.count_nonzero(np.greater(x, r, out=flag)))
+        clipped += int(np.count_nonzero(np.less(x, -r, out=flag)))
         np.clip(x, -r, r, out=x)
         if w != 1.0:
             x *= w
         x += r
         x /= step
-        low = np.floor(x)
+        np.floor(x, out=low)
         x -= low  # fractional part in [0, 1)
-        u = bits[: hi - lo]
-        stream.fill(u)
-        uniform = (u >> np.uint64(11)).astype(np.float64)
-        uniform *= _TWO_POW_M53
-        low += uniform < x
+        stream.fill(bits)
+        np.right_shift(bits, np.uint64(11), out=bits)
+        np.multiply(bits, _TWO_POW_M53, out=uniform)
+        low += np.less(uniform, x, out=flag)
         np.clip(low, 0.0, top, out=low)
         out[lo:hi] = low
     return Quantized(values=out, clipped=clipped)

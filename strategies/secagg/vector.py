@@ -27,12 +27,14 @@ sensitivity the coordinator's noise must be calibrated to.
 
 from __future__ import annotations
 
+import hashlib
 import math
 from collections.abc import Mapping
 from dataclasses import dataclass
 
 import numpy as np
 
+from strategies.accumulator import mean_denominator
 from strategies.secagg.quantize import (
     QuantizationConfig,
     Quantized,
@@ -101,7 +103,7 @@ def flatten_delta(update: Arrays, reference: Arrays, layout: VectorLayout) -> np
     Raises
     ------
     VectorError
-        For a missing tensor, another shape or dtype kind, or non-finite values.
+        For a missing tensor, or one of another shape or dtype kind.
     """
     out = np.empty(layout.size, dtype=np.float64)
     at = 0
@@ -116,12 +118,11 @@ def flatten_delta(update: Arrays, reference: Arrays, layout: VectorLayout) -> np
                 f"floating tensor of shape {list(shape)}"
             )
         part = out[at : at + value.size]
-        part[:] = value.reshape(-1)
-        if name in reference:
-            part -= np.asarray(reference[name], dtype=np.float64).reshape(-1)
+        if name in reference:  # one pass, at float64: exact for float32 tensors
+            np.subtract(value.reshape(-1), reference[name].reshape(-1), out=part, dtype=np.float64)
+        else:
+            part[:] = value.reshape(-1)
         at += value.size
-    if not np.isfinite(out).all():
-        raise VectorError("the update holds NaN or infinite values")
     return out
 
 
@@ -155,17 +156,20 @@ def encode_update(
         When the update does not fit the layout or the weight is invalid.
     """
     delta = flatten_delta(update, reference, layout)
-    if l2_clip is not None:
-        norm = float(np.linalg.norm(delta))
-        if norm > l2_clip:
-            delta *= l2_clip / norm
     weight, capped = weight_of(num_examples, max_examples)
+    try:
+        if l2_clip is not None:
+            norm = float(np.linalg.norm(delta))
+            if norm > l2_clip:
+                delta *= l2_clip / norm
+        deltas = quantize(delta, config, weight=weight, seed=seed)
+    except ValueError as exc:  # non-finite values
+        raise VectorError(f"the update cannot be encoded: {exc}") from None
     r = float(config.clip_range)
-    clipped = int(np.count_nonzero(np.abs(delta) > r))
-    vector = np.empty(layout.dimension, dtype=np.float64)
-    vector[: layout.size] = delta
-    vector[layout.size :] = (r, r * clipped / max(layout.size, 1), r if capped else 0.0)
-    return quantize(vector, config, weight=weight, seed=seed)
+    extras = np.array([r, r * deltas.clipped / max(layout.size, 1), r if capped else 0.0])
+    extra_seed = None if seed is None else hashlib.sha256(b"extras" + seed).digest()
+    tail = quantize(extras, config, weight=weight, seed=extra_seed)
+    return Quantized(np.concatenate([deltas.values, tail.values]), deltas.clipped)
 
 
 def quantized_sensitivity(
@@ -246,13 +250,7 @@ class SecureMean:
     def mean(self, denominator: float | None = None) -> dict[str, np.ndarray]:
         """``sum / denominator`` per tensor (default: the total weight), in each tensor's
         dtype; zeros for integer tensors."""
-        if denominator is None:
-            if self.count == 0 or self.total_weight <= 0.0:
-                raise ValueError("no updates were aggregated")
-            denominator = self.total_weight
-        if not denominator > 0.0:
-            raise ValueError(f"denominator must be > 0, got {denominator}")
-        inv = 1.0 / float(denominator)
+        inv = 1.0 / mean_denominator(denominator, self.count, self.total_weight)
         out: dict[str, np.ndarray] = {}
         for name, ref in self.reference.items():
             if ref.dtype.kind == "f":

@@ -31,7 +31,10 @@ def simulate(tmp_path: Path, name: str, *extra: str) -> dict:
 
 def test_secure_aggregation_with_dropouts_learns_like_plain_aggregation(tmp_path):
     plain = simulate(tmp_path, "plain")
-    secure = simulate(tmp_path, "secure", "--set", "privacy.secure_aggregation.enabled=true")
+    secure = simulate(
+        tmp_path, "secure", "--set", "privacy.secure_aggregation.enabled=true",
+        "--set", "privacy.secure_aggregation.dropout_rate=0.2",  # k and t for that dropout
+    )  # fmt: skip
     assert plain["secure_aggregation"] is False and secure["secure_aggregation"] is True
     assert secure["rounds_completed"] == plain["rounds_completed"] == 20
     accuracy = secure["metrics"]["accuracy"]

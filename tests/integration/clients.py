@@ -1,21 +1,41 @@
-"""Site clients for integration tests, loadable with ``fedcoord site --client``.
+"""Site clients for integration tests, loadable with ``fedcoord site --client``, and
+helpers to run them against an in-process coordinator.
 
-They wrap the real digits task client; behaviour is steered through environment
-variables because ``--client`` takes no arguments.
+The clients wrap the real digits task client or return known updates; behaviour is
+steered through environment variables because ``--client`` takes no arguments.
 """
 
 from __future__ import annotations
 
 import os
+import threading
 import time
+from collections.abc import Mapping
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
-from client_sdk import Client, EvaluateResult, FitResult
+from client_sdk import Client, EvaluateResult, FitResult, run_site
 from client_sdk.api import Arrays, Config
 from coordinator.tasks import load_task
 from strategies.scaffold import CONTROL, DELTA_CONTROL
+
+
+def start_site_threads(address: str, clients: Mapping[str, Client], stop: threading.Event) -> None:
+    """Run each client as a site (real gRPC to ``address``) on its own thread until ``stop``."""
+    for name, client in clients.items():
+        threading.Thread(
+            target=run_site,
+            args=(client, address, name),
+            kwargs={"insecure": True, "stop": stop, "poll_wait_s": 1},
+            daemon=True,
+        ).start()
+
+
+def ledger_payloads(coordinator: Any, kind: str) -> list[dict]:
+    """The payloads of ``coordinator``'s ledger entries of ``kind``, in order."""
+    return [e.payload for e in coordinator.db.ledger_entries() if e.kind == kind]
 
 
 class SlowSite(Client):

@@ -11,13 +11,12 @@ import numpy as np
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from client_sdk import run_site
 from coordinator.server import Coordinator
 from coordinator.tasks import load_task
 from protos.codec import encode
 from protos.fedcoord.v1 import common_pb2, control_pb2, control_pb2_grpc, fleet_pb2, fleet_pb2_grpc
 from strategies.registry import STRATEGIES
-from tests.integration.clients import HostileSite
+from tests.integration.clients import HostileSite, start_site_threads
 
 pytestmark = pytest.mark.integration
 
@@ -42,13 +41,7 @@ def coordinator(tmp_path):
 
 
 def start_sites(coordinator: Coordinator, clients: dict, stop: threading.Event) -> None:
-    for name, client in clients.items():
-        threading.Thread(
-            target=run_site,
-            args=(client, coordinator.address, name),
-            kwargs={"insecure": True, "stop": stop, "poll_wait_s": 1},
-            daemon=True,
-        ).start()
+    start_site_threads(coordinator.address, clients, stop)
 
 
 @pytest.mark.parametrize("strategy", sorted(STRATEGIES))

@@ -9,10 +9,10 @@ import numpy as np
 import pytest
 import torch
 
-from client_sdk import run_site
 from client_sdk.flower import FlowerSite
 from coordinator.server import Coordinator
 from coordinator.tasks import load_task
+from tests.integration.clients import start_site_threads
 
 fl = pytest.importorskip("flwr.client")
 pytestmark = pytest.mark.integration
@@ -76,13 +76,7 @@ def test_flower_numpy_clients_train_with_a_native_site(tmp_path):
         "native": load_task("digits", None, {}, 0).make_client(2, 3, {"kind": "iid"}, 0),
     }
     stop = threading.Event()
-    for name, client in sites.items():
-        threading.Thread(
-            target=run_site,
-            args=(client, coordinator.address, name),
-            kwargs={"insecure": True, "stop": stop, "poll_wait_s": 1},
-            daemon=True,
-        ).start()
+    start_site_threads(coordinator.address, sites, stop)
     try:
         run = coordinator.engine.submit(EXPERIMENT)
         final = coordinator.engine.execute(run.run_id)

@@ -12,13 +12,13 @@ import time
 import grpc
 import pytest
 
-from client_sdk import run_site
 from client_sdk.connection import SiteSession
 from coordinator.server import Coordinator
 from coordinator.tasks import load_task
 from protos.codec import encode
 from protos.fedcoord.v1 import fleet_pb2, fleet_pb2_grpc
 from strategies.privacy.accountant import epsilon_of, noise_multiplier_for
+from tests.integration.clients import ledger_payloads, start_site_threads
 
 pytestmark = pytest.mark.integration
 
@@ -60,17 +60,7 @@ def sites(coordinator: Coordinator, stop: threading.Event, hostile: dict | None 
     task = load_task("digits", None, {}, 0)
     clients = {f"site-{i}": task.make_client(i, SITES, {"kind": "iid"}, 0) for i in range(SITES)}
     clients.update(hostile or {})
-    for name, client in clients.items():
-        threading.Thread(
-            target=run_site,
-            args=(client, coordinator.address, name),
-            kwargs={"insecure": True, "stop": stop, "poll_wait_s": 1},
-            daemon=True,
-        ).start()
-
-
-def entries(coordinator: Coordinator, kind: str) -> list[dict]:
-    return [e.payload for e in coordinator.db.ledger_entries() if e.kind == kind]
+    start_site_threads(coordinator.address, clients, stop)
 
 
 def test_every_round_reports_the_accountants_epsilon(start):
@@ -83,9 +73,9 @@ def test_every_round_reports_the_accountants_epsilon(start):
     finally:
         stop.set()
     assert final.status == "finished", final.error
-    started = entries(coordinator, "run_started")[0]["dp"]
+    started = ledger_payloads(coordinator, "run_started")[0]["dp"]
     assert started["noise_multiplier"] == 1.0 and started["delta"] == 1e-5
-    rounds = entries(coordinator, "round_committed")
+    rounds = ledger_payloads(coordinator, "round_committed")
     assert [r["round"] for r in rounds] == [1, 2, 3, 4]
     for k, r in enumerate(rounds, start=1):
         expected = epsilon_of("rdp", [(1.0, 0.5, k)], 1e-5)
@@ -114,10 +104,10 @@ def test_the_budget_ends_the_run_cleanly_before_the_round_that_would_pass_it(sta
     finally:
         stop.set()
     assert final.status == "finished" and final.rounds_completed == 2
-    exhausted = entries(coordinator, "budget_exhausted")
+    exhausted = ledger_payloads(coordinator, "budget_exhausted")
     assert len(exhausted) == 1 and exhausted[0]["round"] == 3
     assert exhausted[0]["epsilon"] <= budget < exhausted[0]["projected_epsilon"]
-    finished = entries(coordinator, "run_finished")[0]
+    finished = ledger_payloads(coordinator, "run_finished")[0]
     assert finished["stop_reason"].startswith("privacy budget exhausted: round 3")
     assert coordinator.db.verify_ledger() > 0
 
@@ -147,7 +137,7 @@ def test_a_resumed_run_continues_the_same_spend(start):
     finally:
         stop.set()
     assert final.status == "finished" and final.rounds_completed == 4
-    rounds = entries(again, "round_committed")
+    rounds = ledger_payloads(again, "round_committed")
     assert [r["round"] for r in rounds] == [1, 2, 3, 4]
     assert [r["dp"]["steps"] for r in rounds] == [1, 2, 3, 4]  # no step lost or repeated
     assert rounds[-1]["dp"]["epsilon"] == pytest.approx(epsilon_of("rdp", [(1.2, 0.5, 4)], 1e-5))
@@ -163,9 +153,9 @@ def test_target_epsilon_picks_the_noise_before_the_run(start):
     finally:
         stop.set()
     assert final.status == "finished", final.error
-    z = entries(coordinator, "run_started")[0]["dp"]["noise_multiplier"]
+    z = ledger_payloads(coordinator, "run_started")[0]["dp"]["noise_multiplier"]
     assert z == pytest.approx(noise_multiplier_for(4.0, 1e-5, 0.5, 3))
-    assert entries(coordinator, "round_committed")[-1]["dp"]["epsilon"] <= 4.0
+    assert ledger_payloads(coordinator, "round_committed")[-1]["dp"]["epsilon"] <= 4.0
 
 
 def cheat(address: str, stop: threading.Event) -> None:
@@ -201,7 +191,7 @@ def test_client_mode_sites_clip_and_the_coordinator_enforces_it(start):
     finally:
         stop.set()
     assert final.status == "finished", final.error
-    rounds = entries(coordinator, "round_committed")
+    rounds = ledger_payloads(coordinator, "round_committed")
     assert all(entry["dp"]["mode"] == "client" for entry in rounds)
     cheated = [entry for entry in rounds if "cheater" in entry["sampled"]]
     assert cheated  # the seeded Poisson draws include it (else the test proves nothing)
@@ -229,7 +219,7 @@ def test_adaptive_clipping_moves_the_clip_norm_and_records_it(start):
     finally:
         stop.set()
     assert final.status == "finished", final.error
-    rounds = entries(coordinator, "round_committed")
+    rounds = ledger_payloads(coordinator, "round_committed")
     clips = [r["dp"]["clip_norm"] for r in rounds]
     assert clips[0] == 0.01 and clips[-1] > 0.01
     for r, after in itertools.pairwise(rounds):  # each round uses the C it was given

@@ -12,11 +12,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from client_sdk import run_site
 from coordinator.server import Coordinator
 from strategies.secagg import QuantizationConfig, error_bound
 from strategies.secagg.quantize import max_levels
-from tests.integration.clients import ShiftSite
+from tests.integration.clients import ShiftSite, ledger_payloads, start_site_threads
 
 pytestmark = pytest.mark.integration
 
@@ -46,22 +45,12 @@ def coordinator(tmp_path):
 
 def run(coordinator: Coordinator, sites: dict[str, ShiftSite], text: str):
     stop = threading.Event()
-    for name, client in sites.items():
-        threading.Thread(
-            target=run_site,
-            args=(client, coordinator.address, name),
-            kwargs={"insecure": True, "stop": stop, "poll_wait_s": 1},
-            daemon=True,
-        ).start()
+    start_site_threads(coordinator.address, sites, stop)
     try:
         row = coordinator.engine.submit(text)
         return coordinator.engine.execute(row.run_id)
     finally:
         stop.set()
-
-
-def entries(coordinator: Coordinator, kind: str) -> list[dict]:
-    return [e.payload for e in coordinator.db.ledger_entries() if e.kind == kind]
 
 
 def expected_mean(
@@ -92,7 +81,7 @@ def test_the_committed_model_is_the_weighted_mean_of_the_secure_sum(coordinator)
     sites = {f"site-{i}": ShiftSite(seed=10 + i, num_examples=40 + 25 * i) for i in range(5)}
     final = run(coordinator, sites, experiment(5, rounds=2))
     assert final.status == "finished", final.error
-    rounds = entries(coordinator, "round_committed")
+    rounds = ledger_payloads(coordinator, "round_committed")
     assert len(rounds) == 2
     initial = coordinator.db.models.get(rounds[0]["input_model"])
     entry = rounds[0]
@@ -120,7 +109,7 @@ def test_dropouts_at_every_stage_are_survived(coordinator):
     }
     final = run(coordinator, sites, experiment(8))
     assert final.status == "finished", final.error
-    (entry,) = entries(coordinator, "round_committed")
+    (entry,) = ledger_payloads(coordinator, "round_committed")
     stages = {s["stage"]: s for s in entry["secure_aggregation"]["stages"]}
     assert [d["site"] for d in stages["share_keys"]["dropped"]] == ["site-1"]
     assert [d["site"] for d in stages["masked_input"]["dropped"]] == ["site-2"]
@@ -141,8 +130,8 @@ def test_too_few_survivors_abort_without_releasing_a_sum(coordinator):
     }
     final = run(coordinator, sites, experiment(5))
     assert final.status == "failed" and "round 1 failed 3 times" in final.error
-    assert entries(coordinator, "round_committed") == []
-    aborted = entries(coordinator, "round_aborted")
+    assert ledger_payloads(coordinator, "round_committed") == []
+    aborted = ledger_payloads(coordinator, "round_aborted")
     assert len(aborted) == 3
     for entry in aborted:
         assert (entry["stage"], entry["reason"]) == ("masked_input", "below_threshold")
@@ -157,7 +146,7 @@ def test_the_coordinator_never_stores_or_logs_an_individual_update(coordinator, 
     sites = {f"site-{i}": ShiftSite(seed=40 + i, num_examples=60, scale=0.5) for i in range(4)}
     final = run(coordinator, sites, experiment(4))
     assert final.status == "finished", final.error
-    (entry,) = entries(coordinator, "round_committed")
+    (entry,) = ledger_payloads(coordinator, "round_committed")
     initial = coordinator.db.models.get(entry["input_model"])
     stored = b"".join(
         p.read_bytes() for p in Path(coordinator.db.data_dir).rglob("*") if p.is_file()
@@ -184,7 +173,7 @@ def test_client_side_dp_noises_the_secure_sum_for_its_real_sensitivity(coordinat
     text = text.replace("stage_timeout_s: 10}", "stage_timeout_s: 10}, " + dp)
     final = run(coordinator, sites, text)
     assert final.status == "finished", final.error
-    (entry,) = entries(coordinator, "round_committed")
+    (entry,) = ledger_payloads(coordinator, "round_committed")
     dp = entry["dp"]
     record = entry["secure_aggregation"]
     initial = coordinator.db.models.get(entry["input_model"])

@@ -85,3 +85,24 @@ def test_layouts_cover_the_parameters_exactly() -> None:
         model = layout.model(flat)
         assert np.array_equal(np.concatenate([a.ravel() for a in model.values()]), flat)
     assert aggregation.layered(10_000_000).label == "161 tensors"
+
+
+def test_quick_secagg_benchmark_runs_both_modes_and_writes_results(tmp_path: Path) -> None:
+    from benchmarks import secagg
+
+    results_md = tmp_path / "RESULTS.md"
+    code = secagg.main(
+        ["--quick", "--rounds", "2", "--out-dir", str(tmp_path), "--results-md", str(results_md)]
+    )
+    assert code == 0
+    payload = json.loads((tmp_path / "secagg.json").read_text())
+    assert payload["benchmark"] == "secagg" and payload["quick"] is True
+    (row,) = payload["rows"]
+    assert (row["sites"], row["params"], row["workload"]) == (10, 100_000, "fixed")
+    assert row["fedcoord_runs"]["plain"]["mode"] == "off"
+    assert row["fedcoord_runs"]["secagg"]["mode"] in ("secagg", "secagg+")
+    assert row["fedcoord_plain_s"] > 0 and row["fedcoord_secagg_s"] > 0
+    assert row["coordinator_cpu_secagg_s"] > 0
+    assert payload["kernels"]["shamir_100x100_ms"] > 0
+    section = common.read_section("secagg", results_md)
+    assert section is not None and "| fixed | 10 | 100,000 |" in section
