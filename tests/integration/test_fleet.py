@@ -32,14 +32,6 @@ training: {local_epochs: 1, batch_size: 16}
 """
 
 
-@pytest.fixture
-def coordinator(tmp_path):
-    c = Coordinator(tmp_path / "coord", "127.0.0.1:0", open_enrollment=True)
-    c.start(run_engine=False)
-    yield c
-    c.stop(grace=0.5)
-
-
 def start_sites(coordinator: Coordinator, clients: dict, stop: threading.Event) -> None:
     start_site_threads(coordinator.address, clients, stop)
 

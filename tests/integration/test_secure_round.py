@@ -13,6 +13,7 @@ import numpy as np
 import pytest
 
 from coordinator.server import Coordinator
+from coordinator.tasks import load_task
 from strategies.secagg import QuantizationConfig, error_bound
 from strategies.secagg.quantize import max_levels
 from tests.integration.clients import ShiftSite, ledger_payloads, start_site_threads
@@ -33,14 +34,6 @@ privacy: {secure_aggregation: {enabled: true, stage_timeout_s: 10}}
 
 def experiment(sites: int, rounds: int = 1) -> str:
     return EXPERIMENT.replace("SITES", str(sites)).replace("ROUNDS", str(rounds))
-
-
-@pytest.fixture
-def coordinator(tmp_path):
-    c = Coordinator(tmp_path / "coord", "127.0.0.1:0", open_enrollment=True)
-    c.start(run_engine=False)
-    yield c
-    c.stop(grace=0.5)
 
 
 def run(coordinator: Coordinator, sites: dict[str, ShiftSite], text: str):
@@ -198,3 +191,37 @@ def test_client_side_dp_noises_the_secure_sum_for_its_real_sensitivity(coordinat
     )
     assert abs(noise.mean()) < 4 * dp["noise_std"] / size**0.5
     assert noise.std() == pytest.approx(dp["noise_std"], rel=0.1)
+
+
+def test_scaffold_trains_under_secure_aggregation(coordinator):
+    """SCAFFOLD's control-variate deltas ride in the same secure sum as the model's."""
+    task = load_task("digits", None, {}, 0)
+    sites = {f"site-{i}": task.make_client(i, 4, {"kind": "iid"}, 0) for i in range(4)}
+    text = experiment(4, rounds=2) + "strategy: {name: scaffold}\n"
+    final = run(coordinator, sites, text)
+    assert final.status == "finished", final.error
+    rounds = ledger_payloads(coordinator, "round_committed")
+    assert [r["participants"] for r in rounds] == [sorted(sites)] * 2
+    control = coordinator.db.models.get(rounds[-1]["strategy_state"])
+    assert control and all(np.isfinite(c).all() and np.abs(c).max() > 0 for c in control.values())
+    assert rounds[-1]["metrics"]["accuracy"] > rounds[0]["metrics"]["accuracy"] - 0.05
+
+
+def test_a_dp_draw_too_small_for_a_secure_sum_releases_noise_only(coordinator):
+    """Under DP the Poisson draw is never redrawn: a round that samples fewer than 3
+    sites commits the noise alone (as the accountant assumes), recorded as skipped."""
+    sites = {f"site-{i}": ShiftSite(seed=70 + i, num_examples=50) for i in range(4)}
+    dp = "dp: {mode: client, noise_multiplier: 1.0, clip_norm: 0.5, delta: 1.0e-3}"
+    text = experiment(4, rounds=6).replace("method: fixed", "method: poisson")
+    text = text.replace("fraction: 1.0", "fraction: 0.3")
+    text = text.replace("stage_timeout_s: 10}", "stage_timeout_s: 10}, " + dp)
+    final = run(coordinator, sites, text)
+    assert final.status == "finished", final.error
+    rounds = ledger_payloads(coordinator, "round_committed")
+    assert [r["round"] for r in rounds] == list(range(1, 7))
+    skipped = [r for r in rounds if r["secure_aggregation"]["mode"] == "skipped"]
+    assert skipped  # with q = 0.3 of 4 sites, most draws have fewer than 3
+    for r in skipped:
+        assert r["participants"] == [] and len(r["dropped"]) == len(r["sampled"]) < 3
+        assert r["dp"]["epsilon"] > 0 and r["input_model"] != r["output_model"]
+    assert [r["dp"]["steps"] for r in rounds] == list(range(1, 7))  # every round accounted
