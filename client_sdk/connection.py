@@ -25,6 +25,7 @@ from client_sdk.secagg import SecAggSite
 from protos.codec import EncodedPayload, PayloadAssembler, encode
 from protos.errors import PayloadError
 from protos.fedcoord.v1 import common_pb2, fleet_pb2, fleet_pb2_grpc
+from strategies.privacy.accountant import LOCAL_DP_METRICS
 from strategies.privacy.clipping import CLIENT_CLIP_KEY, clip_update
 
 log = logging.getLogger("fedcoord.site")
@@ -47,8 +48,6 @@ CHANNEL_OPTIONS = [
     ("grpc.keepalive_timeout_ms", 10_000),
 ]
 MAX_MODEL_BYTES = 1 << 40
-LOCAL_DP_METRICS = frozenset({"epsilon", "delta"})
-"""Metrics a site still reports under secure aggregation: its local DP spend."""
 TRANSFER_TIMEOUT_S = 3600.0
 
 

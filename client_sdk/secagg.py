@@ -26,9 +26,13 @@ from protos.codec import EncodedPayload, encode
 from protos.fedcoord.v1 import fleet_pb2, secagg_pb2
 from strategies.secagg import QuantizationConfig, SecAggClient, check_no_overflow
 from strategies.secagg.messages import (
+    STAGE_MASKED,
+    STAGE_SHARE,
+    STAGE_UNMASK,
     EncryptedShares,
     KeyAdvertisement,
     MaskedInput,
+    RevealedShare,
     Roster,
     SecAggSetup,
     ShareDelivery,
@@ -36,15 +40,12 @@ from strategies.secagg.messages import (
     UnmaskRequest,
     UnmaskResponse,
 )
-from strategies.secagg.vector import VectorLayout, encode_update
-
-MASKED_TENSOR = "masked"
-"""Name of the one tensor of a masked-input payload (``uint32``, the vector's length)."""
+from strategies.secagg.vector import MASKED_TENSOR, VectorLayout, encode_update
 
 STAGE_OF_TASK = {
-    "roster": "share_keys",
-    "delivery": "masked_input",
-    "unmask": "unmask",
+    "roster": STAGE_SHARE,
+    "delivery": STAGE_MASKED,
+    "unmask": STAGE_UNMASK,
 }
 """Protocol stage a site enters with each kind of stage task (the fit task enters
 ``advertise_keys``)."""
@@ -74,7 +75,9 @@ def _layout(msg: secagg_pb2.SecAggSetup) -> tuple[tuple[str, str, tuple[int, ...
     return tuple((t.name, t.dtype, tuple(int(s) for s in t.shape)) for t in msg.layout)
 
 
-def _bundles(run_id: str, round_number: int, msg: secagg_pb2.SecAggShares) -> tuple:
+def _bundles(
+    run_id: str, round_number: int, msg: secagg_pb2.SecAggShares
+) -> tuple[EncryptedShares, ...]:
     return tuple(
         EncryptedShares(run_id, round_number, b.sender, b.receiver, bytes(b.ciphertext))
         for b in msg.bundles
@@ -114,7 +117,7 @@ def read_roster(run_id: str, round_number: int, msg: secagg_pb2.SecAggRoster) ->
 
 
 def unmask_message(response: UnmaskResponse) -> secagg_pb2.SecAggUnmaskResponse:
-    def revealed(shares: tuple) -> list[secagg_pb2.SecAggRevealedShare]:
+    def revealed(shares: tuple[RevealedShare, ...]) -> list[secagg_pb2.SecAggRevealedShare]:
         return [secagg_pb2.SecAggRevealedShare(owner=s.owner, x=s.x, y=s.y) for s in shares]
 
     return secagg_pb2.SecAggUnmaskResponse(

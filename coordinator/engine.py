@@ -35,6 +35,7 @@ from protos.codec import EncodedPayload, encode
 from protos.fedcoord.v1 import fleet_pb2
 from strategies.base import Strategy
 from strategies.errors import InsufficientUpdates
+from strategies.privacy.accountant import LOCAL_DP_METRICS
 from strategies.secagg import SecAggAborted
 from strategies.secagg.vector import SecureMean, SecureSum, VectorLayout, quantized_sensitivity
 from strategies.validation import UpdateLimits
@@ -104,17 +105,15 @@ class RoundAttempt:
     selected: list[str]
     config: str
     task_payload: EncodedPayload
-    reference: dict[str, np.ndarray]
+    reference: Mapping[str, np.ndarray]
     deadline: float
 
 
 @dataclass
 class RoundState:
-    """One attempt at a round, from sampling to commit."""
+    """One attempt at a round, collected and ready to commit."""
 
-    number: int
-    population: list[str]
-    selected: list[str]
+    attempt: RoundAttempt
     outcome: RoundOutcome
     rng_state: dict[str, Any]
     started: float
@@ -143,17 +142,13 @@ def sample_sites(
             return sorted(p for p, m in zip(population, mask, strict=True) if m)
 
 
-SITE_PRIVACY_METRICS = frozenset({"epsilon", "delta"})
-"""Site metrics that report local DP spend: not averaged (see :func:`local_dp_record`)."""
-
-
 def weighted_site_metrics(outcomes: Mapping[str, Any]) -> dict[str, float]:
     """Example-weighted mean of the sites' training metrics, prefixed ``train_``."""
     totals: dict[str, float] = {}
     weights: dict[str, float] = {}
     for o in outcomes.values():
         for name, value in o.metrics.items():
-            if name in SITE_PRIVACY_METRICS:
+            if name in LOCAL_DP_METRICS:  # a spend claim, kept per site (local_dp_record)
                 continue
             totals[name] = totals.get(name, 0.0) + value * o.num_examples
             weights[name] = weights.get(name, 0.0) + o.num_examples
@@ -405,7 +400,7 @@ class RoundEngine:
     def _round_with_retries(self, run: ActiveRun, round_no: int) -> None:
         reason = ""
         for attempt in range(1, MAX_ROUND_ATTEMPTS + 1):
-            reason = self._round(run, round_no, attempt)
+            reason = self._round(run, round_no, attempt_no=attempt)
             if not reason or run.halted(self._shutdown):
                 return
             self.emit(
@@ -441,8 +436,8 @@ class RoundEngine:
             time.sleep(0.1)
         return []
 
-    def _round(self, run: ActiveRun, round_no: int, attempt: int = 1) -> str:
-        """Sample, collect and, at quorum, commit one round (its ``attempt``-th try); the
+    def _round(self, run: ActiveRun, round_no: int, attempt_no: int = 1) -> str:
+        """Sample, collect and, at quorum, commit one round (its ``attempt_no``-th try); the
         reason it must be redone ("" when committed or halted). Under central DP every
         round commits with its plain Poisson draw, whatever its size: the noised mean
         needs no quorum."""
@@ -462,7 +457,7 @@ class RoundEngine:
         config = canonical_json({
             **run.exp.round_config(), **strategy.fit_config(round_no),
             **(privacy.round_config() if privacy else {}), "round": round_no,
-            "attempt": attempt,
+            "attempt": attempt_no,
         })  # fmt: skip
         deadline = time.time() + sampling.timeout_s
         reference = strategy.update_reference(run.model)
@@ -477,7 +472,7 @@ class RoundEngine:
             return str(exc)
         if outcome is None or run.halted(self._shutdown):
             return ""
-        state = RoundState(round_no, population, selected, outcome, rng_state, t0)
+        state = RoundState(attempt, outcome, rng_state, t0)
         try:
             self._commit(run, state, time.time() - t0)
         except InsufficientUpdates as exc:
@@ -583,7 +578,7 @@ class RoundEngine:
 
     def _commit(self, run: ActiveRun, state: RoundState, t_collect: float) -> None:
         """Aggregate, evaluate, store the model, then commit round row + ledger entry."""
-        outcome, round_no = state.outcome, state.number
+        outcome, round_no, selected = state.outcome, state.attempt.number, state.attempt.selected
         accepted = outcome.accepted
         new_model = run.strategy.apply(run.model, outcome.aggregator)
         dp = None
@@ -615,7 +610,7 @@ class RoundEngine:
                 "run_id": run.run_id, "round": round_no, "input_model": run.payload.digest,
                 "output_model": payload.digest, "config_digest": run.exp.config_digest(),
                 "strategy": run.exp.strategy.name, "strategy_state": state_digest,
-                "sampled": state.selected, "participants": outcome.participants,
+                "sampled": selected, "participants": outcome.participants,
                 "rejected": outcome.rejected, "dropped": outcome.dropped,
                 "update_digests": updates, "merkle_root": merkle_root(updates),
                 "metrics": metrics, "dp": dp, "local_dp": local_dp,
@@ -628,7 +623,7 @@ class RoundEngine:
         self.emit(
             run.run_id,
             "round_committed",
-            progress_line(run.exp, round_no, len(state.selected), len(accepted), metrics, seconds),
+            progress_line(run.exp, round_no, len(selected), len(accepted), metrics, seconds),
             {"round": round_no, "metrics": metrics, "model": payload.digest,
              "ledger_seq": entry.seq, "dropped": outcome.dropped,
              "rejected": outcome.rejected},

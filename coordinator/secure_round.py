@@ -47,6 +47,7 @@ from coordinator.dispatch import (
 from coordinator.experiment import SecureAggregation
 from protos.codec import EncodedPayload
 from protos.fedcoord.v1 import common_pb2, fleet_pb2, secagg_pb2
+from strategies.privacy.accountant import LOCAL_DP_METRICS
 from strategies.secagg import (
     QuantizationConfig,
     SecAggAborted,
@@ -71,17 +72,13 @@ from strategies.secagg.messages import (
     UnmaskResponse,
 )
 from strategies.secagg.quantize import max_levels
-from strategies.secagg.vector import SecureMean, VectorLayout, decode_sum
+from strategies.secagg.vector import MASKED_TENSOR, SecureMean, VectorLayout, decode_sum
 from strategies.validation import ModelSpec
 
 log = logging.getLogger("fedcoord.secagg")
 
-MASKED_TENSOR = "masked"
 MIN_SITES = 3
 """The fewest sites a secure sum may have (with two, each learns the other's input)."""
-LOCAL_DP_METRICS = frozenset({"epsilon", "delta"})
-"""Site metrics kept under secure aggregation: local DP spend claims (training metrics
-are not published)."""
 
 Wait = Callable[[Collector, float], None]
 """Blocks until a collector is complete, its deadline passes or the run halts."""

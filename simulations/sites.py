@@ -20,8 +20,9 @@ from client_sdk.api import Arrays, Config
 from coordinator.experiment import Experiment, parse_experiment
 from coordinator.tasks import Task, load_task
 from simulations.attacks import UPDATE_ATTACKS, attack_update, attackers
+from strategies.secagg.messages import STAGE_MASKED, STAGE_SHARE, STAGE_UNMASK
 
-DROP_STAGES = ("fit", "share_keys", "masked_input", "unmask")
+DROP_STAGES = ("fit", STAGE_SHARE, STAGE_MASKED, STAGE_UNMASK)
 """Where a simulated site may drop out of a secure round."""
 
 

@@ -29,6 +29,10 @@ Kind = Literal["rdp", "prv"]
 KINDS: tuple[Kind, ...] = ("rdp", "prv")
 History = list[tuple[float, float, int]]
 
+LOCAL_DP_METRICS = frozenset({"epsilon", "delta"})
+"""The metrics in which a site reports its own local DP spend (``client_sdk.local_dp``):
+recorded per site, never averaged, and still reported under secure aggregation."""
+
 PRV_EPS_ERROR = 0.01
 """Accuracy asked of the PRV accountant (Opacus' default); the bound it returns is the
 upper end of its error interval."""

@@ -45,6 +45,9 @@ from strategies.secagg.quantize import (
 
 Arrays = Mapping[str, np.ndarray]
 
+MASKED_TENSOR = "masked"
+"""Name of the one tensor of a masked-input payload (``uint32``, the vector's length)."""
+
 EXTRAS = ("weight", "clipped", "capped")
 """The coordinates that follow the deltas, in order."""
 
