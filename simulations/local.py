@@ -77,8 +77,7 @@ def worker_context() -> BaseContext:
     from it start at once, and no gRPC state of this process is inherited)."""
     ctx = mp.get_context("forkserver")
     ctx.set_forkserver_preload(WORKER_PRELOAD)
-    forkserver.ensure_running()
-    atexit.register(stop_fork_server)  # kept for later simulations of this process
+    forkserver.ensure_running()  # kept for later simulations of this process
     return ctx
 
 
@@ -90,6 +89,9 @@ def stop_fork_server() -> None:
     if pid is not None:
         with contextlib.suppress(OSError):
             os.kill(pid, signal.SIGTERM)
+
+
+atexit.register(stop_fork_server)  # once per process, however many simulations it runs
 
 
 def simulate(
