@@ -19,6 +19,8 @@ $(VENV)/.base: pyproject.toml
 $(VENV)/.dev: $(VENV)/.base
 	@echo "==> installing dev/test extras"
 	$(PIP) -e '.[dev]'
+	command -v chromium >/dev/null || (echo "==> installing Debian's chromium (report tests)" && \
+		apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium)
 	@touch $@
 
 venv: $(VENV)/.base

@@ -8,6 +8,8 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from strategies.drift import DataProfile
+
 Arrays = dict[str, np.ndarray]
 """Named model tensors, e.g. a torch ``state_dict`` as numpy arrays."""
 ConfigValue = bool | int | float | str
@@ -67,6 +69,13 @@ class Client(ABC):
     @abstractmethod
     def evaluate(self, arrays: Arrays, config: Config) -> EvaluateResult:
         """Evaluate the global model ``arrays`` on local data."""
+
+    def profile(self, config: Config) -> DataProfile | None:
+        """Counts of the local data for the coordinator's drift checks (optional): labels,
+        and each feature over the bins the round asks for (build it with
+        ``strategies.drift.profile_of(x, y, *profile_settings(config))``). ``None``:
+        this site reports none."""
+        return None
 
     def before_stage(self, stage: str, config: Config) -> None:  # noqa: B027 - optional hook
         """Called before each secure-aggregation stage after training (``share_keys``,

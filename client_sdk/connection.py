@@ -15,18 +15,25 @@ import threading
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
 
 import grpc
 import numpy as np
 
 from client_sdk.api import Arrays, Client, Config, EvaluateResult, FitResult
 from client_sdk.errors import ClientError, CoordinatorUnavailable, SiteError
+from client_sdk.identity import SignedFleet, SiteIdentity
+from client_sdk.receipts import ReceiptBook
 from client_sdk.secagg import SecAggSite
 from protos.codec import EncodedPayload, PayloadAssembler, encode
 from protos.errors import PayloadError
 from protos.fedcoord.v1 import common_pb2, fleet_pb2, fleet_pb2_grpc
+from strategies.drift import EVAL_PREFIX, PROFILE_BINS, SITE_EVALUATION, profile_settings
+from strategies.histogram import HistogramSpec
 from strategies.privacy.accountant import LOCAL_DP_METRICS
 from strategies.privacy.clipping import CLIENT_CLIP_KEY, clip_update
+from strategies.scaffold import CONTROL as SCAFFOLD_CONTROL
 
 log = logging.getLogger("fedcoord.site")
 
@@ -111,21 +118,32 @@ class SiteSession:
         site_id: str,
         token: str | None,
         poll_wait_s: int,
+        *,
+        coordinator_public_key: bytes | None = None,
+        receipts_path: Path | None = None,
+        identity: SiteIdentity | None = None,
     ):
         self.client = client
-        self.stub = stub
+        self.identity = identity or SiteIdentity.generate()
+        """The site's key: it signs every call (a fresh in-memory key when None)."""
+        self.stub = SignedFleet(stub, self.identity, site_id)
         self.site_id = site_id
         self.token = token or ""
         self.poll_wait_s = poll_wait_s
         self.heartbeat_interval_s = 5.0
         self._cached: tuple[str, Arrays] | None = None
         self.secagg = SecAggSite(site_id)
+        self.receipt_book = ReceiptBook(site_id, coordinator_public_key, receipts_path)
+        self.receipts = self.receipt_book.records
+        """Outcomes of the inclusion receipts checked so far (see :mod:`client_sdk.receipts`)."""
 
     def enroll(self) -> None:
-        reply = self.stub.Enroll(
-            fleet_pb2.EnrollRequest(site_id=self.site_id, token=self.token), timeout=30
+        request = fleet_pb2.EnrollRequest(
+            site_id=self.site_id, token=self.token, public_key=self.identity.public_key
         )
+        reply = self.stub.Enroll(request, timeout=30)
         self.heartbeat_interval_s = float(reply.heartbeat_interval_s or 5)
+        self.receipt_book.pin(reply.coordinator_public_key)
         log.info("site %s enrolled", self.site_id)
 
     def pull(self) -> Task | None:
@@ -160,6 +178,7 @@ class SiteSession:
     def run_task(self, task: Task) -> None:
         """Do the task under heartbeats, then push the result (or the error)."""
         h = task.header
+        self.receipt_book.saw_round(h.run_id, h.round)
         done = threading.Event()
         beat = threading.Thread(target=self._heartbeat, args=(h.task_id, done), daemon=True)
         beat.start()
@@ -179,6 +198,8 @@ class SiteSession:
         finally:
             done.set()
         reply = self._push(h.task_id, header, payload.chunks() if payload is not None else None)
+        if reply.accepted and header.HasField("update"):  # owed a receipt once it commits
+            self.receipt_book.expect(h.run_id, h.round, header.update.digest)
         log.info(
             "site %s round %d: %s in %.2fs; %s",
             self.site_id,
@@ -199,16 +220,54 @@ class SiteSession:
             if payload is not None:
                 header.update.CopyFrom(payload.header())
             return header, payload, f"secure aggregation: {stage}"
+        extras = self._before_fit(task) if h.kind == fleet_pb2.TASK_KIND_FIT else {}
         result = self._call_client(task)
         what = f"{'trained' if isinstance(result, FitResult) else 'evaluated'} on "
         what += f"{result.num_examples} examples"
         if isinstance(result, FitResult) and h.HasField("secagg"):
-            reply = self.secagg.begin(h, task.arrays, result)
+            reply = self.secagg.begin(h, task.arrays, result, extras.get("histogram"))
             spend = {k: float(v) for k, v in result.metrics.items() if k in LOCAL_DP_METRICS}
             header = fleet_pb2.ResultHeader(metrics=spend, secagg=reply)
             return header, None, what + " (update kept for secure aggregation)"
         header, payload = self._result(task, result)
+        for name, value in extras.get("metrics", {}).items():
+            header.metrics[name] = value
+        if "profile" in extras:
+            header.profile.CopyFrom(extras["profile"])
         return header, payload, what
+
+    def _before_fit(self, task: Task) -> dict[str, Any]:
+        """What the round asks for besides training: the received model's evaluation on
+        local data (``eval_*`` metrics) and a profile of the local data; when the round
+        asks for a pooled histogram (secure aggregation, DP), the profile must fit its
+        layout (a label id beyond ``profile_labels`` is an error the site reports) and
+        its encoding goes into the secure sum."""
+        config, extras = task.config, {}
+        if config.get(SITE_EVALUATION):
+            model = {k: v for k, v in task.arrays.items() if not k.startswith(SCAFFOLD_CONTROL)}
+            ev = self.client.evaluate(model, config)
+            if not isinstance(ev, EvaluateResult):
+                raise ClientError(f"evaluate() returned {type(ev).__name__}, not EvaluateResult")
+            metrics = {f"{EVAL_PREFIX}{k}": float(v) for k, v in ev.metrics.items()}
+            metrics.update(eval_loss=float(ev.loss), eval_examples=float(ev.num_examples))
+            extras["metrics"] = metrics
+        if PROFILE_BINS in config:
+            profile = self.client.profile(config)
+            try:
+                spec = HistogramSpec.from_config(config)
+                if spec is not None:
+                    extras["histogram"] = (spec, spec.encode(profile))
+            except ValueError as exc:
+                raise ClientError(f"cannot report a data profile: {exc}") from None
+            if profile is not None:
+                bins = profile_settings(config)[0]
+                extras["profile"] = fleet_pb2.DataProfile(
+                    num_examples=int(profile.num_examples),
+                    label_counts=profile.labels.tolist(),
+                    bins=bins or 0,
+                    feature_counts=[] if profile.features is None else profile.features.ravel(),
+                )
+        return extras
 
     def _call_client(self, task: Task) -> FitResult | EvaluateResult:
         if task.header.kind == fleet_pb2.TASK_KIND_FIT:
@@ -254,6 +313,10 @@ class SiteSession:
 
         return self.stub.PushResult(messages(), timeout=TRANSFER_TIMEOUT_S)
 
+    def check_receipts(self) -> None:
+        """Ask for and verify the inclusion receipts that are due (never raises)."""
+        self.receipt_book.poll(self.stub)
+
     def _heartbeat(self, task_id: str, done: threading.Event) -> None:
         while not done.wait(self.heartbeat_interval_s):
             with contextlib.suppress(grpc.RpcError):  # a missed beat is harmless
@@ -275,6 +338,9 @@ def run_site(
     stop: threading.Event | None = None,
     poll_wait_s: int = 10,
     max_unavailable_s: float | None = 300.0,
+    coordinator_public_key: bytes | None = None,
+    receipts_path: str | Path | None = None,
+    key_path: str | Path | None = None,
 ) -> None:
     """Serve as a data site until ``stop`` is set or Ctrl-C.
 
@@ -296,6 +362,16 @@ def run_site(
     max_unavailable_s
         Give up with :class:`CoordinatorUnavailable` after this long without reaching
         the coordinator (None: retry forever).
+    coordinator_public_key
+        The coordinator's raw Ed25519 key (32 bytes) to pin; None: trust the key it
+        presents at the first enrollment. Receipts signed by another key are refused.
+    receipts_path
+        Append each checked inclusion receipt here as a JSON line (None: keep them in
+        memory only, on the session's ``receipts``).
+    key_path
+        The site's Ed25519 key file (PEM, mode 0600), created on first use. The key is
+        registered at enrollment and signs every request; None: a key kept in memory
+        for this process only (a restarted site then needs a new token to enroll).
 
     Raises
     ------
@@ -305,6 +381,7 @@ def run_site(
         The coordinator refused the site for good (e.g. enrollment denied).
     """
     stop = stop or threading.Event()
+    identity = SiteIdentity.load_or_create(key_path) if key_path else SiteIdentity.generate()
     channel = make_channel(
         coordinator,
         insecure=insecure,
@@ -312,7 +389,12 @@ def run_site(
         certificate_chain=certificate_chain,
         private_key=private_key,
     )
-    session = SiteSession(client, fleet_pb2_grpc.FleetStub(channel), site_id, token, poll_wait_s)
+    session = SiteSession(
+        client, fleet_pb2_grpc.FleetStub(channel), site_id, token, poll_wait_s,
+        coordinator_public_key=coordinator_public_key,
+        receipts_path=None if receipts_path is None else Path(receipts_path),
+        identity=identity,
+    )  # fmt: skip
     backoff = Backoff()
     enrolled = False
     down_since: float | None = None
@@ -327,6 +409,7 @@ def run_site(
                 backoff.reset()
                 if task is not None and not stop.is_set():
                     session.run_task(task)
+                session.check_receipts()
             except PayloadError as exc:
                 log.warning("site %s: discarded a malformed task: %s", site_id, exc)
                 stop.wait(backoff.next_delay())

@@ -3,8 +3,9 @@
 A fit task that carries ``TaskHeader.secagg.setup`` starts a round attempt: the site
 trains as usual, then encodes its update into the round's vector (weighted delta,
 clipped to the range, quantized with stochastic rounding from a CSPRNG; see
-:mod:`strategies.secagg.vector`), makes fresh X25519 keys and answers with them instead
-of the update. The next tasks of the attempt (kind ``SECAGG``) carry the roster, the
+:mod:`strategies.secagg.vector`) followed, when the round asks for a pooled data
+histogram, by its histogram as exact integers, makes fresh X25519 keys and answers with
+them instead of the update. The next tasks of the attempt (kind ``SECAGG``) carry the roster, the
 shares addressed to the site and the unmask request; :class:`SecAggSite` answers each
 with :class:`strategies.secagg.client.SecAggClient`, which checks every message and never
 reveals both shares of one peer. The masked vector is the only vector the site sends.
@@ -24,6 +25,7 @@ from client_sdk.api import Arrays, FitResult
 from client_sdk.errors import ClientError
 from protos.codec import EncodedPayload, encode
 from protos.fedcoord.v1 import fleet_pb2, secagg_pb2
+from strategies.histogram import HistogramSpec
 from strategies.secagg import QuantizationConfig, SecAggClient, check_no_overflow
 from strategies.secagg.messages import (
     STAGE_MASKED,
@@ -58,14 +60,18 @@ class _Attempt:
     vector: np.ndarray
 
 
-def read_setup(run_id: str, round_number: int, msg: secagg_pb2.SecAggSetup) -> SecAggSetup:
+def read_setup(
+    run_id: str, round_number: int, msg: secagg_pb2.SecAggSetup, histogram: int = 0
+) -> SecAggSetup:
+    """The protocol setup of a fit task (``histogram``: length of the vector's histogram
+    tail, which the round config's pooled histogram layout gives)."""
     return SecAggSetup(
         run_id=run_id,
         round_number=int(round_number),
         sites=tuple(msg.sites),
         k=int(msg.k),
         t=int(msg.t),
-        dimension=VectorLayout(_layout(msg)).dimension,
+        dimension=VectorLayout(_layout(msg), histogram).dimension,
         ring_bits=int(msg.ring_bits),
         graph_seed=bytes(msg.graph_seed),
     )
@@ -133,9 +139,15 @@ class SecAggSite:
         self._attempt: _Attempt | None = None
 
     def begin(
-        self, header: fleet_pb2.TaskHeader, received: Arrays, result: FitResult
+        self,
+        header: fleet_pb2.TaskHeader,
+        received: Arrays,
+        result: FitResult,
+        histogram: tuple[HistogramSpec, np.ndarray] | None = None,
     ) -> secagg_pb2.SecAggReply:
-        """Encode the trained update into the round's vector and advertise fresh keys.
+        """Encode the trained update (and ``histogram``: the round's pooled histogram
+        layout and this site's vector in it) into the round's vector and advertise fresh
+        keys.
 
         Raises
         ------
@@ -147,18 +159,22 @@ class SecAggSite:
         task = header.secagg
         msg = task.setup
         self._attempt = None  # whatever happens, the previous attempt's secrets go
-        setup = read_setup(header.run_id, header.round, msg)
+        tail = 0 if histogram is None else histogram[0].size
+        setup = read_setup(header.run_id, header.round, msg, tail)
         try:
             config = QuantizationConfig(msg.clip_range, int(msg.levels), int(msg.ring_bits))
             check_no_overflow(len(setup.sites), config.levels, config.ring_bits)
+            if histogram is not None:
+                histogram[0].check_ring(len(setup.sites), config.ring_bits)
             quantized = encode_update(
                 result.arrays,
                 received,
-                VectorLayout(_layout(msg)),
+                VectorLayout(_layout(msg), tail),
                 config,
                 num_examples=int(result.num_examples),
                 max_examples=msg.max_examples or None,
                 l2_clip=msg.l2_clip or None,
+                histogram=None if histogram is None else histogram[1],
             )
         except ValueError as exc:
             raise ClientError(f"cannot encode the update for secure aggregation: {exc}") from None

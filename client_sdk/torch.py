@@ -2,7 +2,8 @@
 
 The model travels as its ``state_dict``: :func:`arrays_from_module` and
 :func:`load_arrays` convert between a module and named numpy arrays, keeping every dtype
-(float32 stays float32, BatchNorm's int64 counters stay int64).
+(float32 stays float32, BatchNorm's int64 counters stay int64); :func:`load_model_file`
+loads a model file exported with ``fedcoord models export``, checking its digest.
 
 :class:`TorchClient` trains with the round configuration the coordinator sends (flat,
 scalar values):
@@ -44,6 +45,8 @@ from torch import nn
 from client_sdk.api import Arrays, Client, Config, EvaluateResult, FitResult
 from client_sdk.errors import ClientError
 from client_sdk.local_dp import LocalPrivacy, noisy_step
+from protos.codec import digest_arrays
+from strategies.drift import DataProfile, profile_of, profile_settings
 from strategies.scaffold import CONTROL as SCAFFOLD_C
 from strategies.scaffold import DELTA_CONTROL as SCAFFOLD_DELTA_C
 
@@ -95,6 +98,31 @@ def load_arrays(module: nn.Module, arrays: Mapping[str, np.ndarray]) -> None:
     with torch.no_grad():
         for name, target in state.items():
             target.copy_(_as_tensor(arrays[name]))
+
+
+def load_model_file(
+    module: nn.Module, path: str | Path, *, expected_digest: str | None = None
+) -> nn.Module:
+    """Load a safetensors model file (e.g. from ``fedcoord models export``) into ``module``.
+
+    When ``expected_digest`` (``sha256:<hex>``) is given, the arrays' payload digest must
+    equal it. The load is as strict as :func:`load_arrays`. Returns ``module``.
+
+    Raises
+    ------
+    ClientError
+        When the file cannot be read, its digest differs, or it does not fit the module.
+    """
+    try:
+        arrays = load_file(str(path))
+    except Exception as exc:  # safetensors raises its own error types on corrupt files
+        raise ClientError(f"cannot read model file {path}: {exc}") from None
+    if expected_digest is not None:
+        actual = digest_arrays(arrays)
+        if actual != expected_digest:
+            raise ClientError(f"model file {path} has digest {actual}, not {expected_digest}")
+    load_arrays(module, arrays)
+    return module
 
 
 def _check_names(expected: Iterable[str], given: Iterable[str]) -> None:
@@ -397,6 +425,19 @@ class TorchClient(Client):
         metrics = stats.metrics()
         metrics.pop("loss")
         return EvaluateResult(stats.loss, stats.num_examples, metrics)
+
+    def profile(self, config: Config) -> DataProfile | None:
+        """Label and feature counts of the training data (for the drift checks)."""
+        bins, low, high = profile_settings(config)
+        parts = []
+        for x, y in self._batches(self._train, DEFAULT_BATCH_SIZE * 32, shuffle=False):
+            parts.append(profile_of(x.cpu().numpy(), y.cpu().numpy(), bins, low, high))
+        if not parts:
+            return None
+        width = max(len(p.labels) for p in parts)
+        labels = sum(np.pad(p.labels, (0, width - len(p.labels))) for p in parts)
+        features = None if bins is None else sum(p.features for p in parts)  # type: ignore[misc]
+        return DataProfile(sum(p.num_examples for p in parts), labels, features)
 
     def _train_epoch(
         self,

@@ -13,13 +13,27 @@ from pathlib import Path
 
 import grpc
 
+from coordinator.certs import add_certs_commands
 from coordinator.errors import ConfigError
 from coordinator.experiment import load_experiment
+from coordinator.limits import Limits, count_flag, rate_flag
+from coordinator.logs import FORMATS, configure
+from coordinator.metrics import address_flag
+from coordinator.models_cli import add_models_commands
+from coordinator.receipt_audit import add_verify_receipt
+from coordinator.report import add_report_command
 from coordinator.server import GRPC_OPTIONS, Coordinator
+from coordinator.sites_cli import add_sites_commands
 from coordinator.state import Database
+from coordinator.transport import ServerTLS, add_transport_flags, client_tls, dial, server_tls
 from protos.fedcoord.v1 import control_pb2, control_pb2_grpc
 
 WARNING_BANNER = "!" * 78
+RECONNECT_ON = (
+    grpc.StatusCode.UNAVAILABLE,  # restarting
+    grpc.StatusCode.CANCELLED,  # stopped after its grace period
+    grpc.StatusCode.DEADLINE_EXCEEDED,  # past the server-side limit of a stream
+)
 
 
 def warn(lines: list[str]) -> None:
@@ -33,64 +47,67 @@ def warn(lines: list[str]) -> None:
     )
 
 
-def setup_logging(verbose: bool = False) -> None:
-    logging.basicConfig(
-        level=logging.DEBUG if verbose else logging.INFO,
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-    )
+def setup_logging(verbose: bool = False, fmt: str = "text") -> None:
+    configure(logging.DEBUG if verbose else logging.INFO, fmt)
 
 
-def add_transport_flags(p: argparse.ArgumentParser) -> None:
-    p.add_argument(
-        "--insecure",
-        action="store_true",
-        help="plaintext gRPC without TLS (local experiments only)",
-    )
-
-
-def require_insecure(args: argparse.Namespace) -> None:
-    if not args.insecure:
-        raise ConfigError(
-            "--insecure",
-            "TLS options are not available in this version; pass --insecure to run without TLS",
-        )
-
-
-def control_stub(address: str) -> control_pb2_grpc.ControlStub:
-    return control_pb2_grpc.ControlStub(grpc.insecure_channel(address, options=GRPC_OPTIONS))
+def control_stub(args: argparse.Namespace) -> control_pb2_grpc.ControlStub:
+    """A Control stub for ``args.coordinator`` over the transport of ``args`` (the flags of
+    ``add_transport_flags``)."""
+    channel = dial(args.coordinator, client_tls(args), GRPC_OPTIONS)
+    return control_pb2_grpc.ControlStub(channel)
 
 
 # serve ---------------------------------------------------------------------------------
 def cmd_serve(args: argparse.Namespace) -> int:
-    require_insecure(args)
-    setup_logging(args.verbose)
-    notes = ["--insecure: TLS is OFF; traffic to this coordinator is readable on the network."]
+    tls = server_tls(args)
+    setup_logging(args.verbose, args.log_format)
+    notes: list[str] = []
+    if tls is None:
+        notes.append(
+            "--insecure: TLS is OFF; traffic to this coordinator is readable on the network."
+        )
     if args.open_enrollment:
         notes.append("--open-enrollment: ANY site may join without a token.")
-    warn([*notes, "Use these flags for local experiments only."])
+    if notes:
+        warn([*notes, "Use these flags for local experiments only."])
     coordinator = Coordinator(
-        Path(args.data_dir), args.address, open_enrollment=args.open_enrollment
-    )
+        Path(args.data_dir), args.address, open_enrollment=args.open_enrollment, tls=tls,
+        limits=Limits(max_streams_per_site=args.max_streams_per_site, rate_per_s=args.rate_limit),
+        metrics_address=args.metrics_address,
+    )  # fmt: skip
     done = threading.Event()
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, lambda *_: done.set())
     coordinator.start()
+    key = coordinator.db.signing_key.public_key().public_bytes_raw().hex()
     print(
         f"fedcoord coordinator serving on {coordinator.address} "
-        f"(data dir {args.data_dir}); Ctrl-C to stop",
+        f"(data dir {args.data_dir}, {transport_name(tls)}); Ctrl-C to stop\n"
+        f"ledger key (sites may pin it: fedcoord site --coordinator-key): {key}",
         flush=True,
     )
+    if not args.open_enrollment:
+        print(
+            f"sites join with a token: fedcoord sites add NAME --data-dir {args.data_dir}",
+            flush=True,
+        )
     done.wait()
     print("shutting down: the current round is abandoned and redone on restart", flush=True)
     coordinator.stop()
     return 0
 
 
+def transport_name(tls: ServerTLS | None) -> str:
+    if tls is None:
+        return "plaintext"
+    return "mutual TLS" if tls.client_ca is not None else "TLS"
+
+
 # run -----------------------------------------------------------------------------------
 def cmd_run(args: argparse.Namespace) -> int:
-    require_insecure(args)
+    stub = control_stub(args)  # bad transport flags are refused first
     exp = load_experiment(args.experiment, args.set or ())
-    stub = control_stub(args.coordinator)
     try:
         info = stub.SubmitRun(
             control_pb2.SubmitRunRequest(experiment_yaml=exp.canonical_json()), timeout=60
@@ -125,21 +142,13 @@ def follow_run(stub: control_pb2_grpc.ControlStub, run_id: str, patience_s: floa
                     return
             return
         except grpc.RpcError as exc:
-            if exc.code() != grpc.StatusCode.UNAVAILABLE:
+            if exc.code() not in RECONNECT_ON:
                 raise
             down_since = down_since or time.time()
             if time.time() - down_since > patience_s:
                 raise
             print("coordinator unavailable; reconnecting...", file=sys.stderr, flush=True)
             time.sleep(2.0)
-
-
-# sites ---------------------------------------------------------------------------------
-def cmd_sites_list(args: argparse.Namespace) -> int:
-    reply = control_stub(args.coordinator).ListSites(control_pb2.ListSitesRequest(), timeout=30)
-    for s in reply.sites:
-        print(f"{s.site_id}\t{s.status}\t{'online' if s.online else 'offline'}")
-    return 0
 
 
 # ledger --------------------------------------------------------------------------------
@@ -186,7 +195,14 @@ def add_operator_commands(sub: argparse._SubParsersAction) -> None:
         help="let any site join without a token (local experiments only)",
     )
     p.add_argument("-v", "--verbose", action="store_true")
-    add_transport_flags(p)
+    p.add_argument("--log-format", choices=FORMATS, default="text", help="one JSON object a line")
+    p.add_argument("--max-streams-per-site", type=count_flag, default=Limits.max_streams_per_site,
+                   metavar="N", help="concurrent PullTask/PushResult streams per site")  # fmt: skip
+    p.add_argument("--rate-limit", type=rate_flag, default=Limits.rate_per_s, metavar="R",
+                   help="requests per second per site (bursts of 2R)")  # fmt: skip
+    p.add_argument("--metrics-address", type=address_flag, metavar="HOST:PORT",
+                   help="serve Prometheus metrics at HOST:PORT/metrics (default off)")  # fmt: skip
+    add_transport_flags(p, server=True)
     p.set_defaults(func=cmd_serve)
 
     p = sub.add_parser("run", help="submit an experiment to a running coordinator")
@@ -202,12 +218,7 @@ def add_operator_commands(sub: argparse._SubParsersAction) -> None:
     add_transport_flags(p)
     p.set_defaults(func=cmd_run)
 
-    sites = sub.add_parser("sites", help="manage data sites").add_subparsers(
-        dest="sites_command", required=True
-    )
-    p = sites.add_parser("list", help="enrolled sites and whether they are online")
-    p.add_argument("--coordinator", required=True)
-    p.set_defaults(func=cmd_sites_list)
+    add_sites_commands(sub, control_stub)
 
     ledger = sub.add_parser("ledger", help="audit the round ledger").add_subparsers(
         dest="ledger_command", required=True
@@ -220,3 +231,7 @@ def add_operator_commands(sub: argparse._SubParsersAction) -> None:
         p = ledger.add_parser(name, help=text)
         p.add_argument("dir", help="a run directory or coordinator data directory")
         p.set_defaults(func=fn)
+    add_verify_receipt(ledger)
+    add_models_commands(sub)
+    add_report_command(sub)
+    add_certs_commands(sub)

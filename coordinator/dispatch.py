@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import threading
 import time
+from collections import OrderedDict
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
@@ -20,10 +21,16 @@ import numpy as np
 from protos.codec import EncodedPayload, plan_layout
 from protos.fedcoord.v1 import fleet_pb2, secagg_pb2
 from strategies.base import Aggregator
+from strategies.drift import DataProfile, UpdateSketcher
 from strategies.errors import InvalidUpdate
+from strategies.histogram import HistogramSpec
 from strategies.validation import ModelSpec, UpdateLimits, validate_update
 
 Arrays = Mapping[str, np.ndarray]
+
+MAX_WITHDRAWN = 10_000
+"""Closed assignments remembered, so that their late results are recognised."""
+MAX_LATE_PER_ENTRY = 1_000
 
 
 @dataclass
@@ -52,6 +59,10 @@ class SiteOutcome:
     metrics: dict[str, float] = field(default_factory=dict)
     digest: str = ""
     reason: str = ""
+    norm: float | None = None
+    """L2 norm of the update's delta (when the round sketches updates for drift checks)."""
+    sketch: np.ndarray | None = None
+    profile: DataProfile | None = None
 
 
 @dataclass
@@ -66,6 +77,8 @@ class RoundOutcome:
     dropped: list[dict[str, str]]
     secure_aggregation: dict[str, Any] | None = None
     """The secure-aggregation record of the round (``None`` for a plain round)."""
+    histogram: np.ndarray | None = None
+    """The exact sum of the sites' pooled data histograms from the secure sum, if any."""
 
 
 class Collector:
@@ -80,6 +93,7 @@ class Collector:
         self.expected = expected
         self.outcomes: dict[str, SiteOutcome] = {}
         self.closed = False
+        self.closed_at: float | None = None
         self._cond = threading.Condition()
 
     def payload_spec(self) -> ModelSpec | None:
@@ -132,7 +146,8 @@ class Collector:
     def close(self) -> None:
         """No more results are taken (late ones are refused as ``task_not_active``)."""
         with self._cond:
-            self.closed = True
+            if not self.closed:
+                self.closed, self.closed_at = True, time.time()
 
     def accepted(self) -> dict[str, SiteOutcome]:
         return {s: o for s, o in self.outcomes.items() if o.status == "accepted"}
@@ -151,12 +166,24 @@ class RoundCollector(Collector):
         reference: Arrays,
         aggregator: Aggregator,
         limits: UpdateLimits,
+        sketcher: UpdateSketcher | None = None,
+        profile_bins: int | None = None,
+        histogram: HistogramSpec | None = None,
+        late_results: str = "record",
     ):
         super().__init__(expected)
         self.reference = reference
         self.spec = ModelSpec.of(reference)
         self.aggregator = aggregator
         self.limits = limits
+        self.sketcher = sketcher
+        self.profile_bins = profile_bins
+        self.histogram = histogram
+        self.late_results = late_results
+        """What a result after the round closed gets: ``record`` (received, its digest
+        checked and recorded, not aggregated) or ``refuse`` (recorded unread)."""
+        """The pooled histogram layout profiles must fit (DP: pooled data checks)."""
+        """Bins per feature the round asked profiles for (``None``: labels only)."""
 
     def payload_spec(self) -> ModelSpec:
         return self.spec
@@ -167,10 +194,36 @@ class RoundCollector(Collector):
         digest = header.update.digest
         try:
             validate_update(arrays, num_examples, metrics, self.reference, self.spec, self.limits)
+            profile = self._profile(header)
         except InvalidUpdate as exc:
             return SiteOutcome("rejected", num_examples, {}, digest, str(exc))
         self.aggregator.add(arrays, float(num_examples))
-        return SiteOutcome("accepted", num_examples, metrics, digest)
+        outcome = SiteOutcome("accepted", num_examples, metrics, digest, profile=profile)
+        if self.sketcher is not None:
+            outcome.norm, outcome.sketch = self.sketcher.sketch(arrays, self.reference)
+        return outcome
+
+    def _profile(self, header: fleet_pb2.ResultHeader) -> DataProfile | None:
+        """The result's data profile, checked (raises :class:`InvalidUpdate`)."""
+        if not header.HasField("profile"):
+            return None
+        p = header.profile
+        bins = self.profile_bins
+        if (p.bins or None) != bins:
+            raise InvalidUpdate("bad_profile", f"profile has {p.bins} bins, the round asked {bins}")
+        features = None
+        if p.feature_counts:
+            if bins is None or len(p.feature_counts) % bins:
+                raise InvalidUpdate("bad_profile", "feature counts are not whole rows of bins")
+            features = np.array(p.feature_counts, dtype=np.float64).reshape(-1, bins)
+        profile = DataProfile(int(p.num_examples), np.array(p.label_counts, np.float64), features)
+        try:
+            profile.check(bins)
+            if self.histogram is not None:
+                self.histogram.check(profile)
+        except ValueError as exc:
+            raise InvalidUpdate("bad_profile", str(exc)) from None
+        return profile
 
     def outcome(self) -> RoundOutcome:
         """The round as collected: participants, rejections and drop-outs."""
@@ -243,7 +296,10 @@ class Dispatcher:
         self._by_site: dict[str, Assignment] = {}
         self._by_task: dict[str, Assignment] = {}
         self._last_seen: dict[str, float] = {}
+        self._revoked: set[str] = set()
         self._closed = False
+        self._withdrawn: OrderedDict[str, Assignment] = OrderedDict()
+        self._late: dict[str, list[dict[str, Any]]] = {}
 
     def close(self) -> None:
         """Release every waiting long-poll now and answer later ones at once (shutdown)."""
@@ -254,7 +310,8 @@ class Dispatcher:
     # liveness ----------------------------------------------------------------------
     def touch(self, site_id: str) -> None:
         with self._cond:
-            self._last_seen[site_id] = time.time()
+            if site_id not in self._revoked:
+                self._last_seen[site_id] = time.time()
 
     def last_seen(self, site_id: str) -> float:
         with self._cond:
@@ -269,20 +326,80 @@ class Dispatcher:
         with self._cond:
             self._last_seen.pop(site_id, None)
 
+    def revoke(self, site_id: str) -> None:
+        """The site lost its access: fail its open assignment (reason ``revoked``), take
+        it off the online list and offer it nothing more until :meth:`reinstate`."""
+        with self._cond:
+            self._revoked.add(site_id)
+            self._last_seen.pop(site_id, None)
+            a = self._by_site.pop(site_id, None)
+            if a is not None:
+                self._by_task.pop(a.task_id, None)
+            self._cond.notify_all()
+        if a is not None:
+            a.collector.fail(site_id, "revoked")
+
+    def reinstate(self, site_id: str) -> None:
+        """A revoked site enrolled again (with a new token)."""
+        with self._cond:
+            self._revoked.discard(site_id)
+
+    def is_revoked(self, site_id: str) -> bool:
+        with self._cond:
+            return site_id in self._revoked
+
+    @property
+    def closed(self) -> bool:
+        with self._cond:
+            return self._closed
+
     # assignments -------------------------------------------------------------------
     def post(self, assignments: list[Assignment]) -> None:
         with self._cond:
+            refused = [a for a in assignments if a.site_id in self._revoked]
             for a in assignments:
-                self._by_site[a.site_id] = a
-                self._by_task[a.task_id] = a
+                if a.site_id not in self._revoked:
+                    self._by_site[a.site_id] = a
+                    self._by_task[a.task_id] = a
             self._cond.notify_all()
+        for a in refused:  # revoked after it was sampled
+            a.collector.fail(a.site_id, "revoked")
 
     def withdraw(self, assignments: list[Assignment]) -> None:
+        """Close the assignments; those still without an accepted result are remembered
+        (the last :data:`MAX_WITHDRAWN`), so a result arriving late is known as late."""
         with self._cond:
             for a in assignments:
                 self._by_task.pop(a.task_id, None)
                 if self._by_site.get(a.site_id) is a:
                     del self._by_site[a.site_id]
+                outcome = a.collector.outcomes.get(a.site_id)
+                if outcome is None or outcome.status != "accepted":
+                    self._withdrawn[a.task_id] = a
+            while len(self._withdrawn) > MAX_WITHDRAWN:
+                self._withdrawn.popitem(last=False)
+
+    def withdrawn(self, task_id: str, site_id: str) -> Assignment | None:
+        """The closed assignment ``task_id`` of ``site_id``, once (a second late result
+        for it is not recognised)."""
+        with self._cond:
+            a = self._withdrawn.get(task_id)
+            if a is None or a.site_id != site_id:
+                return None
+            del self._withdrawn[task_id]
+            return a
+
+    def record_late(self, run_id: str, record: dict[str, Any]) -> None:
+        """Keep what a late result was, for the run's next ledger entry."""
+        with self._cond:
+            late = self._late.setdefault(run_id, [])
+            if len(late) < MAX_LATE_PER_ENTRY:
+                late.append(record)
+
+    def take_late(self, run_id: str) -> list[dict[str, Any]]:
+        """The late results recorded for ``run_id`` since the last call."""
+        with self._cond:
+            return self._late.pop(run_id, [])
 
     def take(self, site_id: str, timeout: float) -> Assignment | None:
         """The site's open assignment, waiting up to ``timeout`` seconds for one.
@@ -292,7 +409,7 @@ class Dispatcher:
         """
         end = time.time() + timeout
         with self._cond:
-            while not self._closed:
+            while not self._closed and site_id not in self._revoked:
                 a = self._by_site.get(site_id)
                 if a is not None and site_id not in a.collector.outcomes and not a.collector.closed:
                     return a

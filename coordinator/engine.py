@@ -21,19 +21,27 @@ from typing import Any
 import numpy as np
 
 from coordinator import ledger
-from coordinator.canonical import canonical_json
 from coordinator.dispatch import Assignment, Collector, Dispatcher, RoundCollector, RoundOutcome
+from coordinator.drift import DriftMonitor, SiteReport, site_evaluation, site_requests
 from coordinator.errors import ConfigError, CoordinatorError, QuorumNotReached, UnknownRun
 from coordinator.experiment import Experiment, parse_experiment
-from coordinator.merkle import merkle_root
+from coordinator.faults import crash_point
+from coordinator.logs import log_context
+from coordinator.mlflow_export import MlflowExporter
 from coordinator.privacy import PrivacySession, privacy_summary
+from coordinator.promotion import Decision, describe, promote
+from coordinator.run_export import CLOSE_TIMEOUT_S, RunExport
 from coordinator.secure_round import MIN_SITES, SecureRound, SecureRoundPlan
 from coordinator.secure_round import headline as secure_headline
-from coordinator.state import Database, RoundRecord, RunRow
+from coordinator.state import RUN_ACTIVE, Database, RoundRecord, RunRow
 from coordinator.tasks import Task, load_task
+from coordinator.versions import find_version
+from protos.canonical import canonical_json
 from protos.codec import EncodedPayload, encode
 from protos.fedcoord.v1 import fleet_pb2
+from protos.merkle import merkle_root
 from strategies.base import Strategy
+from strategies.drift import EVAL_PREFIX, UpdateSketcher
 from strategies.errors import InsufficientUpdates
 from strategies.privacy.accountant import LOCAL_DP_METRICS
 from strategies.secagg import SecAggAborted
@@ -77,6 +85,8 @@ class ActiveRun:
     model: dict[str, np.ndarray]
     payload: EncodedPayload
     privacy: PrivacySession | None = None
+    drift: DriftMonitor | None = None
+    export: RunExport | None = None
     stop_reason: str | None = None
     """Why the run ended before its last round without failing (e.g. budget spent)."""
 
@@ -148,7 +158,7 @@ def weighted_site_metrics(outcomes: Mapping[str, Any]) -> dict[str, float]:
     weights: dict[str, float] = {}
     for o in outcomes.values():
         for name, value in o.metrics.items():
-            if name in LOCAL_DP_METRICS:  # a spend claim, kept per site (local_dp_record)
+            if name in LOCAL_DP_METRICS or name.startswith(EVAL_PREFIX):  # kept per site
                 continue
             totals[name] = totals.get(name, 0.0) + value * o.num_examples
             weights[name] = weights.get(name, 0.0) + o.num_examples
@@ -217,6 +227,7 @@ class RoundEngine:
         self._stops: dict[str, threading.Event] = {}
         self._events = threading.Condition()
         self._listeners: list[Callable[[RunEvent], None]] = []
+        self._exports: dict[str, RunExport] = {}
 
     # submission and control ---------------------------------------------------------
     def submit(
@@ -233,6 +244,8 @@ class RoundEngine:
                 "simulates behaviour of sites; only `fedcoord simulate` honours it",
             )
         load_task(exp.task.name, exp.task.model, exp.task.options, exp.seed)
+        if exp.mlflow is not None:
+            MlflowExporter.check_available(exp.mlflow)
         run_id = (
             f"{exp.name}-{time.strftime('%Y%m%dT%H%M%SZ', time.gmtime())}-{uuid.uuid4().hex[:6]}"
         )
@@ -301,7 +314,8 @@ class RoundEngine:
         """Run (or resume) one run to its end; never raises for run-level failures."""
         stop = self._stops.setdefault(run_id, threading.Event())
         try:
-            self._execute(run_id, stop)
+            with log_context(run_id=run_id):
+                self._execute(run_id, stop)
         except (CoordinatorError, ValueError) as exc:
             self._finish(run_id, "failed", str(exc))
         except Exception as exc:
@@ -309,6 +323,12 @@ class RoundEngine:
             self._finish(run_id, "failed", f"internal error: {exc!r}")
         row = self.db.run(run_id)
         assert row is not None
+        export = self._exports.pop(run_id, None)
+        if export is not None:
+            if row.status in RUN_ACTIVE:  # shutting down: the run resumes, so does its export
+                export.exporter.close(CLOSE_TIMEOUT_S)
+            else:
+                export.finish(row.status)
         return row
 
     def _execute(self, run_id: str, stop: threading.Event) -> None:
@@ -338,14 +358,33 @@ class RoundEngine:
             model = self.db.models.get(digest)
             payload = encode(model)
             self.emit(run_id, "run_resumed", f"resuming {run_id} after round {start}")
-        run = ActiveRun(run_id, exp, task, strategy, rng, stop, model, payload, privacy)
+        drift = DriftMonitor(exp, self.db.models).replay(self.db.ledger_entries(), run_id)
+        run = ActiveRun(run_id, exp, task, strategy, rng, stop, model, payload, privacy, drift)
+        if exp.mlflow is not None:
+            run.export = self._exports[run_id] = RunExport(self.db, run_id, exp)
         for round_no in range(start + 1, exp.rounds + 1):
             if run.halted(self._shutdown) or self._budget_spent(run, round_no):
                 break
             self._round_with_retries(run, round_no)
         if self._shutdown.is_set() and not stop.is_set():
             return  # coordinator shutting down: the run stays "running" and resumes on restart
+        if not stop.is_set():
+            self._auto_promote(run)
         self._finish(run_id, "stopped" if stop.is_set() else "finished", None, run.stop_reason)
+
+    def _auto_promote(self, run: ActiveRun) -> Decision | None:
+        """With ``promotion.auto``, put the run's final version through the gate."""
+        spec = run.exp.promotion
+        if spec is None or not spec.auto or self.db.last_round(run.run_id) is None:
+            return None
+        version = find_version(self.db, run.payload.digest, run_id=run.run_id)
+        decision = promote(self.db, version, spec, run.exp.drift.open_rounds, by="auto")
+        message = describe(decision)
+        if decision.reasons:
+            more = len(decision.reasons) - 1
+            message += f": {decision.reasons[0]}" + (f" (and {more} more)" if more else "")
+        self.emit(run.run_id, decision.kind, message, decision.payload())
+        return decision
 
     def _budget_spent(self, run: ActiveRun, round_no: int) -> bool:
         """Before round ``round_no``: when it would pass ``privacy.dp.epsilon_budget``,
@@ -400,7 +439,8 @@ class RoundEngine:
     def _round_with_retries(self, run: ActiveRun, round_no: int) -> None:
         reason = ""
         for attempt in range(1, MAX_ROUND_ATTEMPTS + 1):
-            reason = self._round(run, round_no, attempt_no=attempt)
+            with log_context(round=round_no):
+                reason = self._round(run, round_no, attempt_no=attempt)
             if not reason or run.halted(self._shutdown):
                 return
             self.emit(
@@ -456,8 +496,8 @@ class RoundEngine:
         strategy.begin_round(round_no, len(population))
         config = canonical_json({
             **run.exp.round_config(), **strategy.fit_config(round_no),
-            **(privacy.round_config() if privacy else {}), "round": round_no,
-            "attempt": attempt_no,
+            **(privacy.round_config() if privacy else {}), **site_requests(run.exp),
+            "round": round_no, "attempt": attempt_no,
         })  # fmt: skip
         deadline = time.time() + sampling.timeout_s
         reference = strategy.update_reference(run.model)
@@ -487,9 +527,15 @@ class RoundEngine:
             if privacy is not None
             else run.strategy.aggregator(attempt.reference, len(attempt.selected))
         )
+        data = run.exp.drift.data
         collector = RoundCollector(
-            set(attempt.selected), attempt.reference, aggregator, self._limits(run)
-        )
+            set(attempt.selected), attempt.reference, aggregator, self._limits(run),
+            sketcher=UpdateSketcher(attempt.reference, run.exp.seed)
+            if run.exp.site_checks()[0] else None,
+            profile_bins=data.bins if data.feature_range else None,
+            histogram=run.drift.histogram if run.drift is not None else None,
+            late_results=run.exp.federation.sampling.late_results,
+        )  # fmt: skip
         assignments = [
             Assignment(uuid.uuid4().hex, site, run.run_id, attempt.number,
                        fleet_pb2.TASK_KIND_FIT, attempt.config, attempt.task_payload,
@@ -535,6 +581,7 @@ class RoundEngine:
             attempt.task_payload, reference, attempt.deadline, settings,
             quorum=MIN_SITES if privacy is not None else run.quorum,
             dp_clip=privacy.clip_norm if privacy is not None else None,
+            histogram=run.drift.histogram if run.drift is not None else None,
         )  # fmt: skip
         secure = SecureRound(
             self.dispatcher,
@@ -594,8 +641,19 @@ class RoundEngine:
         local_dp = local_dp_record(run.exp, accepted)
         if local_dp is not None and local_dp["max_epsilon"] is not None:
             metrics["local_epsilon_max"] = local_dp["max_epsilon"]
+        reports = {
+            s: SiteReport(o.num_examples, o.metrics, o.norm, o.sketch, o.profile)
+            for s, o in accepted.items()
+        }
+        assert run.drift is not None
+        pooled = run.drift.pool(
+            outcome.histogram, [o.profile for o in accepted.values()],
+            len(outcome.participants), run.privacy,
+        )  # fmt: skip
+        drift = run.drift.check(round_no, reports, metrics, pooled)
         payload = encode(new_model)
         self.db.models.put(new_model, payload.digest)
+        crash_point("before_commit")
         state_digest = self._store(run.strategy.state())
         updates = {s: o.digest for s, o in accepted.items()}
         seconds = time.time() - state.started
@@ -613,12 +671,16 @@ class RoundEngine:
                 "sampled": selected, "participants": outcome.participants,
                 "rejected": outcome.rejected, "dropped": outcome.dropped,
                 "update_digests": updates, "merkle_root": merkle_root(updates),
+                "late_results": self.dispatcher.take_late(run.run_id),
                 "metrics": metrics, "dp": dp, "local_dp": local_dp,
                 "secure_aggregation": outcome.secure_aggregation or {"mode": "off"},
+                "drift": drift.record, "site_evaluation": site_evaluation(reports),
                 "timings": {"collect_s": round(t_collect, 4), "evaluate_s": round(t_eval, 4),
                             "total_s": round(seconds, 4)},
             },
+            alerts=drift.alerts,
         )  # fmt: skip
+        crash_point("after_commit")
         run.model, run.payload = new_model, payload
         self.emit(
             run.run_id,
@@ -626,8 +688,13 @@ class RoundEngine:
             progress_line(run.exp, round_no, len(selected), len(accepted), metrics, seconds),
             {"round": round_no, "metrics": metrics, "model": payload.digest,
              "ledger_seq": entry.seq, "dropped": outcome.dropped,
-             "rejected": outcome.rejected},
+             "rejected": outcome.rejected, "drift_alerts": len(drift.alerts),
+             "seconds": round(seconds, 4)},
         )  # fmt: skip
+        for alert in drift.alerts:
+            self.emit(run.run_id, "drift_alert", f"drift alert: {alert['message']}", alert)
+        if run.export is not None:
+            run.export.round(round_no, metrics)
 
     def _store(self, arrays: dict[str, np.ndarray]) -> str | None:
         """Store arrays content-addressed (e.g. strategy state); their digest, or None."""
@@ -670,6 +737,7 @@ class RoundEngine:
             entry = ledger.append(c, self.db.signing_key, "run_finished", {
                 "run_id": run_id, "status": status, "error": error, "stop_reason": stop_reason,
                 "rounds_completed": row.rounds_completed, "final_model": row.model_digest,
+                "late_results": self.dispatcher.take_late(run_id),
             })  # fmt: skip
             summary = self.summary(run_id, status, entry.hash, stop_reason)
             text = json.dumps(summary, indent=2)

@@ -20,14 +20,15 @@ from pydantic import (
     ConfigDict,
     Field,
     ValidationError,
-    ValidationInfo,
     field_validator,
     model_validator,
 )
 
-from coordinator.canonical import canonical_json, sha256_hex
 from coordinator.errors import ConfigError
+from protos.canonical import canonical_json, sha256_hex
 from strategies.base import Strategy
+from strategies.drift import MAX_LABELS, MAX_PROFILE_VALUES
+from strategies.histogram import HistogramOverflow, histogram_scale
 from strategies.registry import StrategyConfigError, make_strategy, strategy_class
 from strategies.secagg import QuantizationOverflow, check_no_overflow
 from strategies.secagg.quantize import max_levels
@@ -88,13 +89,18 @@ class Partition(Spec):
 
 
 class Sampling(Spec):
-    """Which sites take part in a round, and how long the round waits for them."""
+    """Which sites take part in a round, and how long the round waits for them: until
+    every sampled site answered or ``timeout_s`` (the deadline); it commits with at least
+    ``min_sites`` accepted updates (the quorum). A result after the round closed is
+    never aggregated: ``late_results: record`` receives it, checks its digest and
+    records it in the run's next ledger entry; ``refuse`` records it unread."""
 
     fraction: Annotated[float, Field(gt=0, le=1)] = 1.0
     method: Literal["poisson", "fixed"] = "fixed"
     min_sites: Annotated[int, Field(ge=1)] = 2
     timeout_s: Annotated[float, Field(gt=0)] = 60.0
     wait_for_sites_s: Annotated[float, Field(gt=0)] = 300.0
+    late_results: Literal["record", "refuse"] = "record"
 
 
 class Byzantine(Spec):
@@ -102,6 +108,18 @@ class Byzantine(Spec):
 
     sites: Annotated[int, Field(ge=0)] = 0
     attack: Literal["sign_flip", "gaussian", "scale", "nan", "label_flip"] = "sign_flip"
+
+
+class SimulatedDrift(Spec):
+    """Simulated drifting sites: from round ``from_round`` on, ``sites`` sites (chosen by
+    the seed among the honest ones) see changed data. ``label_shift`` relabels y as
+    (y + 1) mod classes (concept drift: labels and their histogram move);
+    ``feature_shift`` moves every feature by one standard deviation of the data and
+    adds noise (covariate drift)."""
+
+    sites: Annotated[int, Field(ge=0)] = 0
+    from_round: Annotated[int, Field(ge=1)] = 1
+    kind: Literal["label_shift", "feature_shift"] = "label_shift"
 
 
 class Federation(Spec):
@@ -112,18 +130,25 @@ class Federation(Spec):
     sampling: Sampling = Sampling()
     dropout: Annotated[float, Field(ge=0, lt=1)] = 0.0
     byzantine: Byzantine = Byzantine()
+    drift: SimulatedDrift = SimulatedDrift()
 
     @model_validator(mode="after")
     def _counts_fit(self) -> Federation:
         counts = {
             "sampling.min_sites": self.sampling.min_sites,
             "byzantine.sites": self.byzantine.sites,
+            "drift.sites": self.drift.sites,
         }
         for key, count in counts.items():
             if count > self.sites:
                 raise KeyedError(
                     key, f"must not exceed federation.sites = {self.sites} (got {count})"
                 )
+        if self.byzantine.sites + self.drift.sites > self.sites:
+            raise KeyedError(
+                "drift.sites",
+                f"drifting and byzantine sites together exceed federation.sites = {self.sites}",
+            )
         return self
 
 
@@ -137,11 +162,14 @@ class Optimizer(Spec):
 
 
 class Training(Spec):
-    """Local training at each site."""
+    """Local training at each site. ``site_evaluation``: each site evaluates the model it
+    receives on its local data before training (per-site fairness in the ledger);
+    ``null`` does so unless privatised."""
 
     local_epochs: Annotated[int, Field(ge=1, le=1000)] = 1
     batch_size: Annotated[int, Field(ge=1, le=1_000_000)] = 32
     optimizer: Optimizer = Optimizer()
+    site_evaluation: bool | None = None
 
 
 class StrategySpec(Spec):
@@ -198,16 +226,6 @@ class SecureAggregation(Spec):
     dropout_rate: Annotated[float, Field(ge=0, lt=1)] = 0.05
     corrupt_fraction: Annotated[float, Field(ge=0, lt=0.5)] = 0.05
     stage_timeout_s: Positive = 30.0
-
-
-_REFUSED = {"mlflow": "mlflow export"}
-
-
-def _refuse_unless_none(value: Any, info: ValidationInfo) -> None:
-    """Accept only ``null`` for a setting this version cannot honour."""
-    if value is not None:
-        raise ValueError(f"{_REFUSED[info.field_name or '']} is {NOT_AVAILABLE}")
-    return None
 
 
 Probability = Annotated[float, Field(gt=0, lt=1)]
@@ -291,6 +309,114 @@ class Privacy(Spec):
     secure_aggregation: SecureAggregation = SecureAggregation()
 
 
+class UpdateDrift(Spec):
+    """Per-site update statistics (update norm, cosine to the mean direction of the other
+    sites' updates, training loss) checked against the site's own last ``history``
+    rounds (after ``min_history`` of them) and against the other sites of the round
+    (when at least ``min_sites`` reported). A value fires when it is more than
+    ``z_threshold`` robust deviations (median / MAD, the deviation at least
+    ``min_scale``) on the bad side: larger norm or loss, smaller cosine. Norm and loss
+    are compared as logarithms (a site's scale is its own; ``min_scale`` 0.3 is a factor
+    of 1.35). ``enabled: null`` runs the checks whenever the coordinator sees individual
+    updates (not under DP, local DP or secure aggregation)."""
+
+    enabled: bool | None = None
+    z_threshold: Positive = 6.0
+    min_history: Annotated[int, Field(ge=2)] = 3
+    history: Annotated[int, Field(ge=2, le=1000)] = 10
+    min_sites: Annotated[int, Field(ge=3)] = 5
+    min_scale: Positive = 0.3
+
+
+class DataDrift(Spec):
+    """Data drift from the histograms sites report with each fit result: labels, and each
+    feature over ``bins`` equal bins of ``feature_range`` (values outside land in the end
+    bins; no feature histograms without a range). Each report is compared with the site's
+    reference, the mean of its first ``reference_rounds`` reports: PSI over
+    ``psi_threshold``, or a two-sample KS test with p < ``ks_alpha`` (Bonferroni over the
+    features) and statistic over ``ks_threshold``, fires. Reports with fewer than
+    ``min_samples`` examples are not checked.
+
+    Under secure aggregation or ``privacy.dp`` the check is *pooled*: the round's sites'
+    histograms are summed (in the secure sum; under DP as proportions, noised with
+    multiplier ``noise_multiplier`` and accounted with the model) and the pooled
+    histogram is compared with the mean of the first ``reference_rounds`` pooled ones.
+    Every site's histogram then has one agreed shape: ``labels`` label ids and, with a
+    feature range, ``features`` features. ``enabled: null``: per site unless privatised;
+    pooled under secure aggregation or DP when those keys are set; off under local DP."""
+
+    enabled: bool | None = None
+    bins: Annotated[int, Field(ge=2, le=100)] = 10
+    feature_range: list[float] | None = None
+    reference_rounds: Annotated[int, Field(ge=1)] = 1
+    psi_threshold: Positive = 0.25
+    ks_alpha: Probability = 0.01
+    ks_threshold: Annotated[float, Field(gt=0, le=1)] = 0.1
+    min_samples: Annotated[int, Field(ge=1)] = 50
+    labels: Annotated[int, Field(ge=1, le=MAX_LABELS)] | None = None
+    features: Annotated[int, Field(ge=1)] | None = None
+    noise_multiplier: Positive | None = None
+
+    @field_validator("feature_range")
+    @classmethod
+    def _range(cls, value: list[float] | None) -> list[float] | None:
+        if value is not None and (len(value) != 2 or not value[0] < value[1]):
+            raise ValueError(f"must be [low, high] with low < high (got {_show(value)})")
+        return value
+
+    @model_validator(mode="after")
+    def _features_fit(self) -> DataDrift:
+        if self.features is not None and self.feature_range is None:
+            raise KeyedError("features", "needs drift.data.feature_range (no feature histograms)")
+        if self.features is not None and self.features * self.bins > MAX_PROFILE_VALUES:
+            raise KeyedError(
+                "features", f"features x bins must be at most {MAX_PROFILE_VALUES} values"
+            )
+        return self
+
+
+class EvaluationDrift(Spec):
+    """Regression of the central evaluation: fires when ``metric`` is worse than the best
+    version so far by more than ``max_drop`` (absolute)."""
+
+    enabled: bool = True
+    metric: Annotated[str, Field(min_length=1)] = "accuracy"
+    higher_is_better: bool = True
+    max_drop: Positive = 0.05
+
+
+class Drift(Spec):
+    """Drift checks run after every round; each alert is a ``drift_alert`` ledger entry and
+    stays open (blocks promotion) for ``open_rounds`` rounds."""
+
+    updates: UpdateDrift = UpdateDrift()
+    data: DataDrift = DataDrift()
+    evaluation: EvaluationDrift = EvaluationDrift()
+    open_rounds: Annotated[int, Field(ge=1)] = 5
+
+
+class Promotion(Spec):
+    """The gate a version passes to become ``champion``: its central ``metric`` at least
+    ``threshold`` (at most, when lower is better) and no drift alert open. With ``auto``
+    the run's final version is put through the gate when the run finishes."""
+
+    metric: Annotated[str, Field(min_length=1)] = "accuracy"
+    threshold: float
+    higher_is_better: bool = True
+    auto: bool = False
+
+
+class Mlflow(Spec):
+    """Export to MLflow, off the round loop: parameters, per-round metrics (step = round),
+    epsilon, and the promoted (or else the final) model, registered as ``register_as``
+    (alias ``champion`` when promoted) with provenance tags. ``experiment`` defaults to
+    the experiment's name."""
+
+    tracking_uri: Annotated[str, Field(min_length=1)]
+    experiment: Annotated[str, Field(min_length=1)] | None = None
+    register_as: Annotated[str, Field(min_length=1)] | None = None
+
+
 class Simulation(Spec):
     """How ``fedcoord simulate`` runs the sites."""
 
@@ -317,24 +443,16 @@ class Experiment(Spec):
     strategy: StrategySpec = StrategySpec()
     validation: Validation = Validation()
     privacy: Privacy = Privacy()
-    mlflow: None = None
-    drift: dict[str, Any] = Field(default_factory=dict)
+    mlflow: Mlflow | None = None
+    drift: Drift = Drift()
+    promotion: Promotion | None = None
     simulation: Simulation = Simulation()
-
-    _no_mlflow = field_validator("mlflow", mode="before")(_refuse_unless_none)
 
     @field_validator("name")
     @classmethod
     def _name(cls, value: str) -> str:
         if not _NAME.fullmatch(value):
             raise ValueError(f"must be 1 to 64 of A-Z a-z 0-9 . _ - (got {_show(value)})")
-        return value
-
-    @field_validator("drift")
-    @classmethod
-    def _no_drift(cls, value: dict[str, Any]) -> dict[str, Any]:
-        if value:
-            raise ValueError(f"drift checks are {NOT_AVAILABLE}; leave drift empty")
         return value
 
     @model_validator(mode="after")
@@ -406,6 +524,94 @@ class Experiment(Spec):
         return self
 
     @model_validator(mode="after")
+    def _site_checks_are_honourable(self) -> Experiment:
+        hidden_by = self.privatised()
+        if self.drift.data.noise_multiplier is not None and self.privacy.dp is None:
+            raise KeyedError(
+                "drift.data.noise_multiplier",
+                "noises the pooled histogram under privacy.dp; without privacy.dp nothing "
+                "would be noised (remove it)",
+            )
+        if hidden_by is None:
+            return self
+        wanted = {
+            "drift.updates.enabled": self.drift.updates.enabled,
+            "training.site_evaluation": self.training.site_evaluation,
+        }
+        for key, on in wanted.items():
+            if on:
+                raise KeyedError(
+                    key,
+                    f"would record per-site statistics that {hidden_by} keeps from the "
+                    "coordinator; leave it unset (off under privacy) or false",
+                )
+        blocker = self._pooled_data_blocker()
+        if blocker is not None and self.drift.data.enabled:
+            raise KeyedError(*blocker)
+        if blocker is None and self.drift.data.enabled is not False:
+            self._pooled_data_fits_the_ring()
+        return self
+
+    def _pooled_data_blocker(self) -> tuple[str, str] | None:
+        """Under privacy: the key (and why) that keeps pooled data checks off, or None."""
+        data, privacy = self.drift.data, self.privacy
+        if privacy.local_dp is not None:
+            return (
+                "drift.data.enabled",
+                "would release histograms of the sites' examples outside the example-level "
+                "guarantee of privacy.local_dp (the sites' own accountant does not cover "
+                "them); leave it unset (off under local DP) or false",
+            )
+        under = "privacy.dp" if privacy.dp is not None else "privacy.secure_aggregation"
+        if data.labels is None:
+            return (
+                "drift.data.labels",
+                f"is required for data-drift checks under {under}: the number of label ids "
+                "(0 .. labels - 1), so every site's histogram has the same length",
+            )
+        if data.feature_range is not None and data.features is None:
+            return (
+                "drift.data.features",
+                f"is required for feature histograms under {under}: the number of features "
+                "per example (or remove drift.data.feature_range: labels only)",
+            )
+        if privacy.dp is not None and data.noise_multiplier is None:
+            return (
+                "drift.data.noise_multiplier",
+                "is required for data-drift checks under privacy.dp: the noise multiplier "
+                "of the pooled histogram, accounted together with the model's",
+            )
+        if privacy.dp is None and privacy.secure_aggregation.max_examples is None:
+            return (
+                "privacy.secure_aggregation.max_examples",
+                "bounds each site's histogram counts in the secure sum; data-drift checks "
+                "under secure aggregation need it (or set drift.data.enabled: false)",
+            )
+        return None
+
+    def _pooled_data_fits_the_ring(self) -> None:
+        """Under secure aggregation: the sum of every site's histogram cannot wrap."""
+        secagg = self.privacy.secure_aggregation
+        if not secagg.enabled:
+            return
+        sites, bits = self.federation.sites, secagg.ring_bits
+        if self.privacy.dp is not None:
+            try:
+                histogram_scale(sites, bits)
+            except HistogramOverflow as exc:
+                raise KeyedError("privacy.secure_aggregation.ring_bits", str(exc)) from None
+            return
+        cap = secagg.max_examples
+        assert cap is not None
+        if sites * cap > (1 << bits) - 1:
+            raise KeyedError(
+                "privacy.secure_aggregation.max_examples",
+                f"{sites} sites x {cap} examples overflow the ring Z_2^{bits} of the pooled "
+                f"histogram counts; use max_examples <= {((1 << bits) - 1) // sites} (or "
+                "drift.data.enabled: false)",
+            )
+
+    @model_validator(mode="after")
     def _strategy_fits_federation(self) -> Experiment:
         need = self.make_strategy().min_updates()
         if need > self.federation.sites:
@@ -429,7 +635,40 @@ class Experiment(Spec):
             keys.append("federation.dropout")
         if self.federation.byzantine.sites > 0:
             keys.append("federation.byzantine.sites")
+        if self.federation.drift.sites > 0:
+            keys.append("federation.drift.sites")
         return keys
+
+    def privatised(self) -> str | None:
+        """What keeps individual updates and site statistics from the coordinator's
+        record (DP, local DP or secure aggregation), or None."""
+        if self.privacy.secure_aggregation.enabled:
+            return "privacy.secure_aggregation"
+        if self.privacy.dp is not None:
+            return "privacy.dp"
+        if self.privacy.local_dp is not None:
+            return "privacy.local_dp"
+        return None
+
+    def site_evaluation(self) -> bool:
+        """Whether sites report their evaluation of the received model."""
+        wanted = self.training.site_evaluation
+        return self.privatised() is None if wanted is None else wanted
+
+    def site_checks(self) -> tuple[bool, bool]:
+        """Whether per-site update checks and per-site data-drift checks run."""
+        visible = self.privatised() is None
+        updates = self.drift.updates.enabled
+        return (visible if updates is None else updates, self.data_check_scope() == "site")
+
+    def data_check_scope(self) -> Literal["site", "pooled"] | None:
+        """How data drift is checked: per site (the coordinator sees each profile), on the
+        pooled histogram (secure aggregation or DP, with the keys they need) or not."""
+        if self.drift.data.enabled is False:
+            return None
+        if self.privatised() is None:
+            return "site"
+        return "pooled" if self._pooled_data_blocker() is None else None
 
     def canonical_json(self) -> str:
         """Every setting, defaults filled in, sorted keys, compact: the form that is hashed."""

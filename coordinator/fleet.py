@@ -1,27 +1,58 @@
-"""The Fleet gRPC service: what data sites call (they only ever dial out)."""
+"""The Fleet gRPC service: what data sites call (they only ever dial out).
+
+Every call is signed by the site's Ed25519 key (:mod:`coordinator.auth`); the site id a
+method acts for is the authenticated one, so a site only ever pulls its own tasks,
+pushes results for tasks assigned to it and reads its own receipts.
+"""
 
 from __future__ import annotations
 
 import logging
-import re
+import time
 from collections.abc import Iterator
+from typing import Any
 
 import grpc
 import numpy as np
+from google.protobuf.message import Message
 
-from coordinator.dispatch import Collector, Dispatcher
+from coordinator.auth import AuthError, RequestVerifier, check_public_key, refuse
+from coordinator.dispatch import Assignment, Collector, Dispatcher, RoundCollector
+from coordinator.enrollment import ALREADY_ENROLLED, enroll
+from coordinator.errors import LedgerError
+from coordinator.faults import crash_point
+from coordinator.receipts import public_key_bytes, receipt_response
 from coordinator.state import Database
+from coordinator.transport import check_peer_site
 from protos.codec import PayloadAssembler
 from protos.errors import PayloadError
 from protos.fedcoord.v1 import common_pb2, fleet_pb2, fleet_pb2_grpc
+from protos.receipts import MAX_ID_CHARS
+from protos.signing import SITE_ID, SITE_ID_RULE, fleet_method, key_fingerprint
 from strategies.errors import InvalidUpdate
 from strategies.validation import check_specs
 
 log = logging.getLogger("fedcoord.fleet")
 
-SITE_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
+__all__ = ["SITE_ID", "FleetServicer"]
+
 MAX_WAIT_S = 30
 HEARTBEAT_INTERVAL_S = 5
+REVOCATION_CHECK_S = 1.0
+MAX_ROUND = 2**31 - 1
+MAX_PROPERTIES = 32
+"""Enrollment properties a site may declare (keys up to 64, values up to 256 characters)."""
+METHODS = {name: fleet_method(name) for name in ("Enroll", "PullTask", "PushResult",
+                                                  "Heartbeat", "GetReceipt")}  # fmt: skip
+
+
+def properties_problem(properties: dict[str, str]) -> str | None:
+    """What is wrong with a site's declared properties, if anything."""
+    if len(properties) > MAX_PROPERTIES:
+        return f"at most {MAX_PROPERTIES} properties"
+    if any(not 0 < len(k) <= 64 or len(v) > 256 for k, v in properties.items()):
+        return "property keys must be 1-64 characters and values at most 256"
+    return None
 
 
 class FleetServicer(fleet_pb2_grpc.FleetServicer):
@@ -30,42 +61,76 @@ class FleetServicer(fleet_pb2_grpc.FleetServicer):
     Parameters
     ----------
     open_enrollment
-        Let any well-formed site id join without a token (local experiments only).
+        Let any well-formed site id join without a token (local experiments only); its
+        requests are signed all the same.
+    verifier
+        Checks every call's signature (default: one over ``db`` that passes revocations
+        on to ``dispatcher``).
     """
 
-    def __init__(self, db: Database, dispatcher: Dispatcher, *, open_enrollment: bool):
+    def __init__(
+        self,
+        db: Database,
+        dispatcher: Dispatcher,
+        *,
+        open_enrollment: bool,
+        verifier: RequestVerifier | None = None,
+    ):
         self.db = db
         self.dispatcher = dispatcher
         self.open_enrollment = open_enrollment
-        self._enrolled = {s for s, status in db.sites() if status == "enrolled"}
+        self.verifier = verifier or RequestVerifier(db, on_revoked=dispatcher.revoke)
+        self._public_key = public_key_bytes(db)
 
-    def _require_site(self, site_id: str, context: grpc.ServicerContext) -> None:
-        if site_id not in self._enrolled:
-            context.abort(
-                grpc.StatusCode.PERMISSION_DENIED, f"site {site_id[:64]!r} is not enrolled"
-            )
+    def _authenticate(
+        self, name: str, message: Message, site_id: str, context: grpc.ServicerContext
+    ) -> None:
+        """Refuse the call unless enrolled ``site_id`` signed it; then the site is live."""
+        check_peer_site(site_id, context)
+        try:
+            self.verifier.verify(context.invocation_metadata(), METHODS[name], message, site_id)
+        except AuthError as exc:
+            refuse(context, name, site_id, exc)
         self.dispatcher.touch(site_id)
 
     def Enroll(self, request: fleet_pb2.EnrollRequest, context: grpc.ServicerContext):
-        if not SITE_ID.match(request.site_id):
-            context.abort(
-                grpc.StatusCode.INVALID_ARGUMENT,
-                "site_id must be 1-64 characters of letters, digits, '.', '_' or '-'",
-            )
-        if not self.open_enrollment:
-            context.abort(
-                grpc.StatusCode.UNAUTHENTICATED,
-                "enrollment tokens are not supported yet; start the coordinator with "
-                "--open-enrollment",
-            )
-        if self.db.upsert_site(request.site_id, dict(request.properties)):
-            log.info("site %s enrolled", request.site_id)
-        self._enrolled.add(request.site_id)
-        self.dispatcher.touch(request.site_id)
+        """Admit a site's key: with a valid one-time token, or on first contact under open
+        enrollment; the same key again is "already enrolled". Signed by the presented key
+        (proof of possession); an enrolled site's Enroll is replay-checked too."""
+        site_id, key = request.site_id, bytes(request.public_key)
+        if not SITE_ID.match(site_id):
+            context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"site_id must be {SITE_ID_RULE}")
+        check_peer_site(site_id, context)
+        properties = dict(request.properties)
+        problem = properties_problem(properties)
+        if problem:
+            context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"properties: {problem}")
+        try:
+            check_public_key(key)
+        except ValueError as exc:
+            context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"public_key: {exc}")
+        metadata = context.invocation_metadata()
+        try:
+            signature = self.verifier.check(metadata, METHODS["Enroll"], request, site_id, key)
+            row = self.db.site(site_id)
+            if row is not None and row.status == "enrolled" and row.public_key == key:
+                self.verifier.remember(signature)
+            how = enroll(
+                self.db, site_id, key, request.token, properties,
+                open_enrollment=self.open_enrollment,
+            )  # fmt: skip
+        except AuthError as exc:
+            refuse(context, "Enroll", site_id, exc)
+        if how != ALREADY_ENROLLED:
+            log.info("site %s enrolled (%s) with key %s", site_id, how, key_fingerprint(key))
+            self.verifier.reinstate(site_id)
+            self.dispatcher.reinstate(site_id)
+        self.dispatcher.touch(site_id)
         return fleet_pb2.EnrollReply(
-            site_id=request.site_id,
+            site_id=site_id,
             coordinator_id=self.db.ledger_head(),
             heartbeat_interval_s=HEARTBEAT_INTERVAL_S,
+            coordinator_public_key=self._public_key,
         )
 
     def PullTask(
@@ -73,9 +138,9 @@ class FleetServicer(fleet_pb2_grpc.FleetServicer):
         request: fleet_pb2.PullTaskRequest,
         context: grpc.ServicerContext,
     ) -> Iterator[fleet_pb2.TaskMessage]:
-        self._require_site(request.site_id, context)
+        self._authenticate("PullTask", request, request.site_id, context)
         wait = min(max(request.wait_s, 0), MAX_WAIT_S)
-        assignment = self.dispatcher.take(request.site_id, timeout=wait)
+        assignment = self._wait_for_task(request.site_id, wait, context)
         self.dispatcher.touch(request.site_id)
         if assignment is None or not context.is_active():
             yield fleet_pb2.TaskMessage(none=fleet_pb2.NoTask(retry_after_ms=0))
@@ -100,6 +165,24 @@ class FleetServicer(fleet_pb2_grpc.FleetServicer):
             for data in model.chunks():
                 yield fleet_pb2.TaskMessage(chunk=common_pb2.Chunk(data=data))
 
+    def _wait_for_task(
+        self, site_id: str, wait: float, context: grpc.ServicerContext
+    ) -> Assignment | None:
+        """Long-poll in slices; between them pick up revocations made by another process
+        (``fedcoord sites revoke --data-dir``), so a revoked site's poll ends within a
+        slice, refused."""
+        end = time.monotonic() + wait
+        while True:
+            slice_s = min(REVOCATION_CHECK_S, max(0.0, end - time.monotonic()))
+            assignment = self.dispatcher.take(site_id, timeout=slice_s)
+            if self.dispatcher.is_revoked(site_id):
+                error = AuthError("revoked", f"site {site_id!r} was revoked by the operator")
+                refuse(context, "PullTask", site_id, error)
+            done = time.monotonic() >= end or self.dispatcher.closed or not context.is_active()
+            if assignment is not None or done:
+                return assignment
+            self.verifier.sync()
+
     def PushResult(
         self,
         request_iterator: Iterator[fleet_pb2.ResultMessage],
@@ -111,10 +194,10 @@ class FleetServicer(fleet_pb2_grpc.FleetServicer):
                 grpc.StatusCode.INVALID_ARGUMENT, "a result stream must start with a header"
             )
         header = first.header
-        self._require_site(header.site_id, context)
+        self._authenticate("PushResult", first, header.site_id, context)
         assignment = self.dispatcher.lookup(header.task_id, header.site_id)
         if assignment is None:
-            return fleet_pb2.PushReply(accepted=False, reason="task_not_active")
+            return self._late(header, request_iterator)
         collector = assignment.collector
         if header.error:
             collector.fail(header.site_id, f"site_error: {header.error[:200]}")
@@ -129,6 +212,31 @@ class FleetServicer(fleet_pb2_grpc.FleetServicer):
         if outcome.status != "accepted":
             log.warning("site %s: result rejected: %s", header.site_id, outcome.reason)
         return fleet_pb2.PushReply(accepted=outcome.status == "accepted", reason=outcome.reason)
+
+    def _late(
+        self, header: fleet_pb2.ResultHeader, request_iterator: Iterator[fleet_pb2.ResultMessage]
+    ) -> fleet_pb2.PushReply:
+        """A result for a fit task whose round has closed: recorded (for the run's next
+        ledger entry), never aggregated; under ``late_results: record`` its payload is
+        received and its digest checked first."""
+        a = self.dispatcher.withdrawn(header.task_id, header.site_id)
+        collector = a.collector if a is not None else None
+        if a is None or not isinstance(collector, RoundCollector) or header.error:
+            return fleet_pb2.PushReply(accepted=False, reason="task_not_active")
+        closed = collector.closed_at or a.deadline
+        record: dict[str, Any] = {
+            "site": header.site_id, "round": a.round, "policy": collector.late_results,
+            "late_by_s": round(max(0.0, time.time() - closed), 3),
+        }  # fmt: skip
+        if collector.late_results == "record":
+            try:
+                self._receive_payload(header, collector, request_iterator)
+                record.update(digest=header.update.digest, num_examples=int(header.num_examples))
+            except (InvalidUpdate, PayloadError) as exc:
+                record["invalid"] = str(exc)[:200]
+        self.dispatcher.record_late(a.run_id, record)
+        log.info("site %s: late result for round %d: %s", header.site_id, a.round, record)
+        return fleet_pb2.PushReply(accepted=False, reason="late: recorded, not aggregated")
 
     @staticmethod
     def _receive_payload(
@@ -151,6 +259,7 @@ class FleetServicer(fleet_pb2_grpc.FleetServicer):
             if message.WhichOneof("kind") != "chunk":
                 raise PayloadError("unexpected message after the result header")
             assembler.add(message.chunk.data)
+            crash_point("upload")
         return assembler.finish()
 
     @staticmethod
@@ -164,5 +273,26 @@ class FleetServicer(fleet_pb2_grpc.FleetServicer):
         request: fleet_pb2.HeartbeatRequest,
         context: grpc.ServicerContext,
     ) -> fleet_pb2.HeartbeatReply:
-        self._require_site(request.site_id, context)
-        return fleet_pb2.HeartbeatReply(task_active=self.dispatcher.is_active(request.task_id))
+        self._authenticate("Heartbeat", request, request.site_id, context)
+        assignment = self.dispatcher.lookup(request.task_id, request.site_id)
+        active = assignment is not None and not assignment.collector.closed
+        return fleet_pb2.HeartbeatReply(task_active=active)
+
+    def GetReceipt(
+        self,
+        request: fleet_pb2.ReceiptRequest,
+        context: grpc.ServicerContext,
+    ) -> fleet_pb2.ReceiptReply:
+        """The asking site's own receipt for one round (PENDING until it commits)."""
+        self._authenticate("GetReceipt", request, request.site_id, context)
+        if not 0 < len(request.run_id) <= MAX_ID_CHARS:
+            context.abort(
+                grpc.StatusCode.INVALID_ARGUMENT, f"run_id must be 1-{MAX_ID_CHARS} characters"
+            )
+        if not 1 <= request.round <= MAX_ROUND:
+            context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"round must be 1-{MAX_ROUND}")
+        try:
+            return receipt_response(self.db, request.site_id, request.run_id, request.round)
+        except LedgerError as exc:
+            log.error("receipt for site %s: %s", request.site_id, exc)
+            context.abort(grpc.StatusCode.DATA_LOSS, "the round's ledger entry does not verify")

@@ -17,14 +17,15 @@ from typing import Any
 from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 
-from coordinator.canonical import canonical_json, sha256_hex
 from coordinator.errors import LedgerError
+from protos.canonical import canonical_json, sha256_hex
 
 GENESIS = "0" * 64
 KINDS = frozenset(
     {
         "run_started", "site_enrolled", "site_revoked", "round_committed", "drift_alert",
-        "budget_exhausted", "model_promoted", "run_finished", "round_aborted",
+        "budget_exhausted", "model_promoted", "promotion_refused", "run_finished",
+        "round_aborted", "site_invited",
     }
 )  # fmt: skip
 

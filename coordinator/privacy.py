@@ -10,10 +10,20 @@ current ``C``) is stored with every committed round, so a resumed run continues 
 same spend. Before a round starts, :meth:`PrivacySession.projected_epsilon` says what
 the spend would be after it; the engine stops the run when that passes the budget.
 
+With pooled data-drift checks (``drift.data`` under DP) every round also releases the
+sum of the sampled sites' histograms as proportions (one site moves it by at most
+``sqrt(F + 2)`` in L2, see :mod:`strategies.histogram`) plus Gaussian noise of std
+``sigma_h sqrt(F + 2)`` (``sigma_h``: ``drift.data.noise_multiplier``). Both releases use
+the same Poisson sample, so the round is one Gaussian mechanism with multiplier
+``z_eff = (z^-2 + sigma_h^-2)^-1/2`` (:mod:`strategies.privacy.composition`); the
+accountant steps with ``z_eff``, the budget projection uses it, and a ``target_epsilon``
+search finds ``z_eff`` and leaves the model ``z = (z_eff^-2 - sigma_h^-2)^-1/2``.
+
 What the epsilon covers: the sequence of models the coordinator publishes (and metrics
-computed on its own held-out data). Amplification by sampling assumes an observer does
-not learn which sites took part in a round; the ledger records exactly that, so it is
-an audit record for the operator and auditors, not a public release.
+computed on its own held-out data), and the noised pooled histograms. Amplification by
+sampling assumes an observer does not learn which sites took part in a round; the
+ledger records exactly that, so it is an audit record for the operator and auditors,
+not a public release.
 """
 
 from __future__ import annotations
@@ -25,11 +35,13 @@ from typing import Any
 
 import numpy as np
 
+from coordinator.errors import ConfigError
 from coordinator.experiment import CentralDP, Experiment
 from strategies.privacy.accountant import PrivacyAccountant, default_delta, noise_multiplier_for
 from strategies.privacy.adaptive import AdaptiveClipping, noise_split
 from strategies.privacy.aggregator import ClippedNoisedMean
 from strategies.privacy.clipping import CLIENT_CLIP_KEY
+from strategies.privacy.composition import composed_multiplier, remaining_multiplier
 from strategies.privacy.noise import SecureGaussian
 from strategies.secagg.vector import SecureMean
 
@@ -53,20 +65,40 @@ class PrivacySession:
     clip_norm: float
     adaptive: AdaptiveClipping | None = None
     noise: SecureGaussian = field(default_factory=SecureGaussian)
+    histogram_multiplier: float | None = None
+    """``sigma_h`` of the pooled data histogram each round releases (``None``: none)."""
 
     @classmethod
     def start(cls, exp: Experiment) -> PrivacySession | None:
-        """The session for ``exp`` (``None`` without ``privacy.dp``); picks ``z`` for
-        ``target_epsilon`` with Opacus' search over the run's rounds."""
+        """The session for ``exp`` (``None`` without ``privacy.dp``); for
+        ``target_epsilon``, Opacus' search over the run's rounds gives the round's
+        accounted multiplier, and the model gets what the pooled histogram leaves.
+
+        Raises
+        ------
+        ConfigError
+            When the pooled histogram's multiplier alone would spend ``target_epsilon``.
+        """
         dp = exp.privacy.dp
         if dp is None:
             return None
         q = exp.federation.sampling.fraction
         delta = run_delta(exp)
+        sigma_h = exp.drift.data.noise_multiplier if exp.data_check_scope() == "pooled" else None
         z = dp.noise_multiplier
         if z is None:
             assert dp.target_epsilon is not None
             z = noise_multiplier_for(dp.target_epsilon, delta, q, exp.rounds, dp.accountant)
+            if sigma_h is not None:
+                try:
+                    z = remaining_multiplier(z, sigma_h)
+                except ValueError:
+                    raise ConfigError(
+                        "drift.data.noise_multiplier",
+                        f"must exceed {z:.4g}, the whole round's noise multiplier for "
+                        f"target_epsilon {dp.target_epsilon:g} (the pooled histogram alone "
+                        "would spend it); raise it or the target",
+                    ) from None
         adaptive = None
         if dp.adaptive_clipping is not None:
             a = dp.adaptive_clipping
@@ -84,7 +116,16 @@ class PrivacySession:
             accountant=PrivacyAccountant(dp.accountant),
             clip_norm=dp.clip_norm,
             adaptive=adaptive,
+            histogram_multiplier=sigma_h,
         )
+
+    @property
+    def accounted_multiplier(self) -> float:
+        """The round's multiplier as the accountant records it: ``z`` composed with the
+        pooled histogram's ``sigma_h`` (``z`` alone without one)."""
+        if self.histogram_multiplier is None:
+            return self.noise_multiplier
+        return composed_multiplier(self.noise_multiplier, self.histogram_multiplier)
 
     # before a round -------------------------------------------------------------------
     def epsilon(self) -> float:
@@ -94,7 +135,7 @@ class PrivacySession:
     def projected_epsilon(self) -> float:
         """The spend after one more round."""
         return self.accountant.projected_epsilon(
-            self.noise_multiplier, self.sample_rate, self.delta
+            self.accounted_multiplier, self.sample_rate, self.delta
         )
 
     def over_budget(self) -> float | None:
@@ -142,14 +183,26 @@ class PrivacySession:
             sensitivity=sensitivity,
         )
 
+    def noise_histogram(self, vector: np.ndarray, sensitivity: float) -> float:
+        """Add ``N(0, (sigma_h S)^2)`` to every value of the pooled histogram ``vector``
+        (float64, in place; ``S`` its L2 sensitivity); returns that std."""
+        if self.histogram_multiplier is None:
+            raise RuntimeError("this run releases no pooled histogram")
+        std = self.histogram_multiplier * float(sensitivity)
+        self.noise.add_noise(vector, std)
+        return std
+
     def after_round(self, aggregate: ClippedNoisedMean) -> dict[str, Any]:
-        """Record the round's spend, move ``C`` under adaptive clipping; the ledger's
-        ``dp`` fields of the round (with the clip norm this round used)."""
+        """Record the round's spend (one step at :attr:`accounted_multiplier`), move ``C``
+        under adaptive clipping; the ledger's ``dp`` fields of the round (with the clip
+        norm this round used)."""
         used = self.clip_norm
-        self.accountant.step(self.noise_multiplier, self.sample_rate)
+        self.accountant.step(self.accounted_multiplier, self.sample_rate)
         record: dict[str, Any] = {
             "mode": self.spec.mode,
             "noise_multiplier": self.noise_multiplier,
+            "histogram_noise_multiplier": self.histogram_multiplier,
+            "accounted_noise_multiplier": self.accounted_multiplier,
             "model_noise_multiplier": aggregate.noise_multiplier,
             "clip_norm": used,
             "sample_rate": self.sample_rate,
@@ -198,6 +251,8 @@ class PrivacySession:
         return {
             "mode": self.spec.mode,
             "noise_multiplier": self.noise_multiplier,
+            "histogram_noise_multiplier": self.histogram_multiplier,
+            "accounted_noise_multiplier": self.accounted_multiplier,
             "target_epsilon": self.spec.target_epsilon,
             "clip_norm": self.spec.clip_norm,
             "adaptive_clipping": self.spec.adaptive_clipping is not None,
@@ -210,8 +265,14 @@ class PrivacySession:
     def headline(self) -> str:
         """One line for the progress output."""
         budget = self.spec.epsilon_budget
+        histogram = ""
+        if self.histogram_multiplier is not None:
+            histogram = (
+                f" (pooled histogram {self.histogram_multiplier:.4g}: accounted "
+                f"{self.accounted_multiplier:.4g} per round)"
+            )
         return (
-            f"{self.spec.mode} DP: noise multiplier {self.noise_multiplier:.4g}, "
+            f"{self.spec.mode} DP: noise multiplier {self.noise_multiplier:.4g}{histogram}, "
             f"clip norm {self.clip_norm:g}{' (adaptive)' if self.adaptive else ''}, "
             f"sampling rate {self.sample_rate:g}, delta {self.delta:.3g}, "
             f"epsilon budget {'none' if budget is None else f'{budget:g}'} "
@@ -242,6 +303,9 @@ def privacy_summary(
             "accountant": dp.accountant,
             "mode": dp.mode,
             "noise_multiplier": state["noise_multiplier"] if state else dp.noise_multiplier,
+            "histogram_noise_multiplier": (
+                exp.drift.data.noise_multiplier if exp.data_check_scope() == "pooled" else None
+            ),
             "clip_norm": state["clip_norm"] if state else dp.clip_norm,
             "sample_rate": exp.federation.sampling.fraction,
             "rounds_accounted": accountant.steps,

@@ -4,8 +4,10 @@ The stages run over the ordinary Fleet transport, each as one task per site and 
 :class:`~coordinator.dispatch.StageCollector`:
 
 1. ``advertise_keys``: the fit task carries the setup (sites, ``k``, ``t``, ring,
-   quantization, vector layout, a fresh graph seed); each site trains, encodes its
-   update and answers with fresh public keys.
+   quantization, vector layout, a fresh graph seed; the round config the layout of the
+   pooled data histogram, if any); each site trains, encodes its update (and its
+   histogram, as exact integers after the quantized part) and answers with fresh
+   public keys.
 2. ``share_keys``: every site of the roster gets all accepted keys and answers with its
    encrypted Shamir shares, which are routed to their receivers.
 3. ``masked_input``: each site gets its shares and streams its masked ``uint32``
@@ -22,7 +24,8 @@ unmasked, so no partial sum is ever released; the engine records the abort and r
 the round with fresh keys.
 
 What this coordinator holds of a site: its public keys, ciphertexts it cannot read, and
-for the length of one ``add`` its masked vector; never an unmasked individual update.
+for the length of one ``add`` its masked vector; never an unmasked individual update or
+histogram (so, as with updates, it cannot validate one site's histogram: only the sum).
 """
 
 from __future__ import annotations
@@ -47,6 +50,7 @@ from coordinator.dispatch import (
 from coordinator.experiment import SecureAggregation
 from protos.codec import EncodedPayload
 from protos.fedcoord.v1 import common_pb2, fleet_pb2, secagg_pb2
+from strategies.histogram import HistogramSpec
 from strategies.privacy.accountant import LOCAL_DP_METRICS
 from strategies.secagg import (
     QuantizationConfig,
@@ -99,6 +103,9 @@ class SecureRoundPlan:
     quorum: int
     dp_clip: float | None = None
     """Client-side DP clip norm ``C``: sites clip to it and quantize with ``r = C``."""
+    histogram: HistogramSpec | None = None
+    """The pooled data histogram each site appends to its vector (the round config tells
+    the sites the same layout)."""
 
 
 @dataclass
@@ -197,8 +204,11 @@ class SecureRound:
         self._wait = wait
         self._halted = halted
         self.session = uuid.uuid4().hex
-        self.layout = VectorLayout.of(plan.reference)
         n, settings = len(plan.selected), plan.settings
+        histogram = plan.histogram
+        if histogram is not None:
+            histogram.check_ring(n, settings.ring_bits)  # the experiment checked the worst case
+        self.layout = VectorLayout.of(plan.reference, 0 if histogram is None else histogram.size)
         self.params = choose_parameters(n, settings.dropout_rate, settings.corrupt_fraction)
         self.quantization = quantization_for(settings, n, plan.dp_clip)
         self.server = SecAggServer(
@@ -235,8 +245,19 @@ class SecureRound:
             "weighting": "examples" if self._max_examples() else "uniform",
             "max_examples": self._max_examples() or None,
             "error_bound": error_bound(len(self.plan.selected), q),
+            "histogram": self._histogram_record(),
             "stages": list(self.stages.records),
         }
+
+    def _histogram_record(self) -> dict[str, Any] | None:
+        """The pooled histogram tail of the vectors (``None``: none)."""
+        h = self.plan.histogram
+        if h is None:
+            return None
+        return {
+            "coordinates": h.size, "labels": h.labels, "features": h.features,
+            "bins": h.bins, "encoding": h.encoding, "cap": h.cap, "scale": h.scale,
+        }  # fmt: skip
 
     def _max_examples(self) -> float:
         """The weight bound ``W`` (0: unweighted, as client-side DP needs)."""
@@ -298,6 +319,7 @@ class SecureRound:
             rejected=sorted(rejected, key=lambda e: e["site"]),
             dropped=sorted(dropped, key=lambda e: e["site"]),
             secure_aggregation={**self.record(), **extra},
+            histogram=summed.histogram,
         )
         return SecureRoundResult(outcome, self.layout, self.quantization)
 

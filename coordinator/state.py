@@ -12,13 +12,14 @@ import json
 import sqlite3
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from coordinator import ledger
+from coordinator.faults import crash_point
 from coordinator.keys import load_or_create_signing_key
 from coordinator.model_store import ModelStore
 
@@ -47,7 +48,10 @@ CREATE TABLE IF NOT EXISTS events(
 
 RUN_ACTIVE = ("queued", "running")
 
-ADDED_COLUMNS = {"rounds": {"privacy_state": "TEXT"}}
+ADDED_COLUMNS = {
+    "rounds": {"privacy_state": "TEXT"},
+    "sites": {"invited": "REAL", "token_hash": "TEXT", "token_expires": "REAL", "revoked": "REAL"},
+}
 """Columns newer than some data directories: added on open when missing."""
 
 
@@ -78,6 +82,40 @@ class RoundRecord:
     rng_state: dict[str, Any]
     strategy_state: str | None = None
     privacy_state: dict[str, Any] | None = None
+
+
+@dataclass(frozen=True)
+class SiteRow:
+    """One row of ``sites``: status ``pending`` (invited, no key yet), ``enrolled`` or
+    ``revoked``; ``enrolled`` is the time of the last enrollment (0 while pending), and
+    an outstanding enrollment token is kept only as its hash."""
+
+    site_id: str
+    status: str
+    enrolled: float
+    public_key: bytes | None
+    properties: dict[str, str]
+    invited: float | None = None
+    token_hash: str | None = None
+    token_expires: float | None = None
+    revoked: float | None = None
+
+
+_SITE_COLUMNS = (
+    "site_id, status, enrolled, public_key, properties, invited, token_hash, token_expires, revoked"
+)
+
+
+def _site_row(row: tuple[Any, ...]) -> SiteRow:
+    site_id, status, enrolled, key, properties, *rest = row
+    return SiteRow(
+        site_id,
+        status,
+        enrolled,
+        None if key is None else bytes(key),
+        json.loads(properties),
+        *rest,
+    )
 
 
 _RUN_COLUMNS = (
@@ -175,13 +213,20 @@ class Database:
 
     # rounds ----------------------------------------------------------------------
     def commit_round(
-        self, run_id: str, record: RoundRecord, ledger_payload: dict[str, Any]
+        self,
+        run_id: str,
+        record: RoundRecord,
+        ledger_payload: dict[str, Any],
+        alerts: Sequence[dict[str, Any]] = (),
     ) -> ledger.Entry:
-        """Atomically record a finished round; the model file must already be stored."""
+        """Atomically record a finished round (and the ``drift_alert`` entries it raised);
+        the model file must already be stored."""
         now = time.time()
         privacy = None if record.privacy_state is None else json.dumps(record.privacy_state)
         with self.transaction() as c:
             entry = ledger.append(c, self.signing_key, "round_committed", ledger_payload)
+            for alert in alerts:
+                ledger.append(c, self.signing_key, "drift_alert", alert)
             c.execute(
                 "INSERT INTO rounds(run_id, round, model_digest, parent_digest, metrics,"
                 " participants, rng_state, strategy_state, privacy_state, ledger_seq,"
@@ -204,6 +249,7 @@ class Database:
                 "UPDATE runs SET rounds_completed=?, model_digest=?, updated=? WHERE run_id=?",
                 (record.round, record.model_digest, now, run_id),
             )
+            crash_point("in_commit")
         return entry
 
     def last_round(self, run_id: str) -> RoundRecord | None:
@@ -234,6 +280,18 @@ class Database:
         )
         return [{"round": r, **json.loads(m)} for r, m in rows]
 
+    def round_entry(self, run_id: str, round_no: int) -> ledger.Entry | None:
+        """The ledger entry that committed round ``round_no`` of ``run_id`` (None until then)."""
+        rows = self.query(
+            "SELECT l.seq, l.kind, l.payload, l.prev_hash, l.hash, l.signature FROM rounds r"
+            " JOIN ledger l ON l.seq = r.ledger_seq WHERE r.run_id=? AND r.round=?",
+            (run_id, round_no),
+        )
+        if not rows:
+            return None
+        seq, kind, payload, prev, h, sig = rows[0]
+        return ledger.Entry(seq, kind, json.loads(payload), prev, h, sig)
+
     # ledger ----------------------------------------------------------------------
     def append_ledger(self, kind: str, payload: dict[str, Any]) -> ledger.Entry:
         with self.transaction() as c:
@@ -257,26 +315,52 @@ class Database:
                 digest = entry.payload.get(key)
                 if digest:
                     self.models.verify(digest)
+            drift = entry.payload.get("drift") or {}
+            for digest in (drift.get("profiles") or {}).values():
+                self.models.verify(digest)
+            pooled = (drift.get("pooled") or {}).get("digest")
+            if pooled:
+                self.models.verify(pooled)
         return count
 
     # sites -----------------------------------------------------------------------
-    def upsert_site(self, site_id: str, properties: dict[str, str]) -> bool:
-        """Record an enrolled site; returns True when it is new."""
-        with self.transaction() as c:
-            row = c.execute("SELECT status FROM sites WHERE site_id=?", (site_id,)).fetchone()
-            if row:
-                return False
-            c.execute(
-                "INSERT INTO sites(site_id, status, enrolled, properties) VALUES (?,?,?,?)",
-                (site_id, "enrolled", time.time(), json.dumps(properties, sort_keys=True)),
-            )
-            ledger.append(c, self.signing_key, "site_enrolled", {"site_id": site_id})
-            return True
+    def site(self, site_id: str) -> SiteRow | None:
+        with self._lock:
+            return self.read_site(self._conn, site_id)
+
+    @staticmethod
+    def read_site(c: sqlite3.Connection, site_id: str) -> SiteRow | None:
+        """The site's row (inside ``c``'s open transaction, if any)."""
+        row = c.execute(f"SELECT {_SITE_COLUMNS} FROM sites WHERE site_id=?", (site_id,)).fetchone()
+        return None if row is None else _site_row(row)
+
+    @staticmethod
+    def write_site(c: sqlite3.Connection, site: SiteRow) -> None:
+        """Insert or replace the site's row; call inside an open transaction of ``c``."""
+        c.execute(
+            f"INSERT OR REPLACE INTO sites({_SITE_COLUMNS}) VALUES (?,?,?,?,?,?,?,?,?)",
+            (
+                site.site_id, site.status, site.enrolled, site.public_key,
+                json.dumps(site.properties, sort_keys=True), site.invited, site.token_hash,
+                site.token_expires, site.revoked,
+            ),
+        )  # fmt: skip
+
+    def site_rows(self) -> list[SiteRow]:
+        return [
+            _site_row(r) for r in self.query(f"SELECT {_SITE_COLUMNS} FROM sites ORDER BY site_id")
+        ]
 
     def sites(self) -> list[tuple[str, str]]:
-        return [
-            (s, st) for s, st in self.query("SELECT site_id, status FROM sites ORDER BY site_id")
-        ]
+        return [(s.site_id, s.status) for s in self.site_rows()]
+
+    def revoked_sites(self) -> set[str]:
+        return {s for (s,) in self.query("SELECT site_id FROM sites WHERE status='revoked'")}
+
+    def data_version(self) -> int:
+        """Changes whenever another connection (e.g. ``fedcoord sites`` on this data
+        directory) has committed since the last call."""
+        return int(self.query("PRAGMA data_version")[0][0])
 
     # events ----------------------------------------------------------------------
     def add_event(

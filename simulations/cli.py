@@ -20,11 +20,13 @@ import grpc
 from client_sdk import Client, run_site
 from client_sdk.errors import SiteError
 from client_sdk.flower import FlowerSite, is_numpy_client
-from coordinator.cli import add_operator_commands, add_transport_flags, require_insecure
+from coordinator.cli import add_operator_commands
 from coordinator.errors import ConfigError, CoordinatorError
 from coordinator.experiment import load_experiment
 from coordinator.tasks import load_task
+from coordinator.transport import ClientTLS, add_transport_flags, client_tls
 from protos.errors import PayloadError
+from protos.signing import SITE_ID, SITE_ID_RULE
 from simulations.local import default_out_dir, simulate
 
 
@@ -76,7 +78,11 @@ def load_client(spec: str) -> Client:
 
 
 def cmd_site(args: argparse.Namespace) -> int:
-    require_insecure(args)
+    tls = client_tls(args)  # bad TLS files are refused before the task is built
+    pem = tls or ClientTLS()  # all None under --insecure
+    if not SITE_ID.match(args.site_id):
+        raise ConfigError("--site-id", f"must be {SITE_ID_RULE}, got {args.site_id[:80]!r}")
+    key_path = Path(args.state_dir) / f"{args.site_id}.ed25519.pem" if args.state_dir else None
     if args.task:
         if not args.partition:
             raise ConfigError("--partition", "--task needs --partition I/N")
@@ -98,10 +104,28 @@ def cmd_site(args: argparse.Namespace) -> int:
         args.coordinator,
         args.site_id,
         args.token,
-        insecure=args.insecure,
+        insecure=tls is None,
+        root_certificates=pem.root_certificates,
+        certificate_chain=pem.certificate_chain,
+        private_key=pem.private_key,
         max_unavailable_s=args.max_unavailable,
+        receipts_path=args.receipts,
+        coordinator_public_key=bytes.fromhex(args.coordinator_key)
+        if args.coordinator_key
+        else None,
+        key_path=key_path,
     )
     return 0
+
+
+def hex_key(text: str) -> str:
+    """A 32-byte key in hex (argparse type)."""
+    try:
+        if len(bytes.fromhex(text)) == 32:
+            return text
+    except ValueError:
+        pass
+    raise argparse.ArgumentTypeError("must be 64 hex digits (a 32-byte Ed25519 key)")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -137,10 +161,27 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument(
         "--state-dir",
-        help="with --task: keep the site's own training state "
-        "(SCAFFOLD control variate) here, so it survives a restart",
+        help="keep the site's Ed25519 key (NAME.ed25519.pem, mode 0600) and, with --task, "
+        "its training state (SCAFFOLD control variate) here, so both survive a restart "
+        "(without it the key lives in memory: a restarted site needs a new token)",
     )
-    p.add_argument("--token", help="enrollment token")
+    p.add_argument(
+        "--token",
+        help="one-time enrollment token from `fedcoord sites add` (not needed once the "
+        "key in --state-dir is enrolled, nor under --open-enrollment)",
+    )
+    p.add_argument(
+        "--receipts",
+        metavar="FILE",
+        help="append the site's verified inclusion receipts here (JSON Lines)",
+    )
+    p.add_argument(
+        "--coordinator-key",
+        metavar="HEX",
+        type=hex_key,
+        help="the coordinator's Ed25519 public key (32 bytes, hex) to trust for receipts "
+        "(default: the key it presents at enrollment)",
+    )
     p.add_argument(
         "--max-unavailable",
         type=float,

@@ -35,7 +35,16 @@ WORKER_PRELOAD = ["simulations.sites", "simulations.tasks.base", "torch._dynamo"
 pay for torch, scikit-learn and torch's optimizer machinery again."""
 
 PRINTED = frozenset(
-    {"run_started", "run_resumed", "round_committed", "round_failed", "run_finished"}
+    {
+        "run_started",
+        "run_resumed",
+        "round_committed",
+        "round_failed",
+        "drift_alert",
+        "model_promoted",
+        "promotion_refused",
+        "run_finished",
+    }
 )
 
 
@@ -67,7 +76,14 @@ def preflight(exp: Experiment) -> None:
             f"task {exp.task.name!r} cannot simulate label_flip (its make_client takes no "
             "flip_labels)",
         )
-    extra = {"flip_labels": True} if flip else {}
+    extra: dict[str, Any] = {"flip_labels": True} if flip else {}
+    if fed.drift.sites > 0:
+        if "shift" not in inspect.signature(task.make_client).parameters:
+            raise ConfigError(
+                "federation.drift.sites",
+                f"task {exp.task.name!r} cannot simulate drift (its make_client takes no shift)",
+            )
+        extra["shift"] = fed.drift.kind
     task.make_client(0, fed.sites, fed.partition.spec(), exp.seed, **extra)
 
 

@@ -12,6 +12,7 @@ import logging
 import os
 import threading
 from multiprocessing.synchronize import Event as ProcessEvent
+from typing import Any
 
 import numpy as np
 
@@ -20,6 +21,7 @@ from client_sdk.api import Arrays, Config
 from coordinator.experiment import Experiment, parse_experiment
 from coordinator.tasks import Task, load_task
 from simulations.attacks import UPDATE_ATTACKS, attack_update, attackers
+from strategies.drift import DataProfile
 from strategies.secagg.messages import STAGE_MASKED, STAGE_SHARE, STAGE_UNMASK
 
 DROP_STAGES = ("fit", STAGE_SHARE, STAGE_MASKED, STAGE_UNMASK)
@@ -28,6 +30,13 @@ DROP_STAGES = ("fit", STAGE_SHARE, STAGE_MASKED, STAGE_UNMASK)
 
 class SimulatedDropout(RuntimeError):
     """The simulation decided this site drops out of this round."""
+
+
+def drifters(num_sites: int, count: int, seed: int, exclude: frozenset[int]) -> frozenset[int]:
+    """Indices of the sites whose data drifts (honest sites, the same for the whole run)."""
+    rng = np.random.default_rng([seed, 0xD21F7])
+    honest = [int(i) for i in rng.permutation(num_sites) if int(i) not in exclude]
+    return frozenset(honest[:count])
 
 
 def site_name(index: int, num_sites: int) -> str:
@@ -45,23 +54,30 @@ class SimulatedSite(Client):
         exp: Experiment,
         train_lock: threading.Lock,
         attack: str | None = None,
+        drifts: bool = False,
     ):
         self.task = task
         self.index = index
         self.exp = exp
         self.train_lock = train_lock
         self.attack = attack
-        self._client: Client | None = None
+        self.drifts = drifts
+        self._clients: dict[bool, Client] = {}
 
-    @property
-    def client(self) -> Client:
-        if self._client is None:
+    def client(self, config: Config) -> Client:
+        """The site's client for the round of ``config``: over drifted data from
+        ``federation.drift.from_round`` on, when this site drifts."""
+        drift = self.exp.federation.drift
+        drifted = self.drifts and int(config.get("round", 0)) >= drift.from_round
+        if drifted not in self._clients:
             fed = self.exp.federation
-            extra = {"flip_labels": True} if self.attack == "label_flip" else {}
-            self._client = self.task.make_client(
+            extra: dict[str, Any] = {"flip_labels": True} if self.attack == "label_flip" else {}
+            if drifted:
+                extra["shift"] = drift.kind
+            self._clients[drifted] = self.task.make_client(
                 self.index, fed.sites, fed.partition.spec(), self.exp.seed, **extra
             )
-        return self._client
+        return self._clients[drifted]
 
     def _drop_stage(self, config: Config) -> str | None:
         """Where this site drops out of this round, if it does: at training, or under
@@ -87,7 +103,7 @@ class SimulatedSite(Client):
     def fit(self, arrays: Arrays, config: Config) -> FitResult:
         self._maybe_drop("fit", config)
         with self.train_lock:
-            result = self.client.fit(arrays, config)
+            result = self.client(config).fit(arrays, config)
         if self.attack not in UPDATE_ATTACKS:
             return result
         rng = np.random.default_rng([self.exp.seed, int(config.get("round", 0)), self.index, 2])
@@ -96,7 +112,10 @@ class SimulatedSite(Client):
 
     def evaluate(self, arrays: Arrays, config: Config) -> EvaluateResult:
         with self.train_lock:
-            return self.client.evaluate(arrays, config)
+            return self.client(config).evaluate(arrays, config)
+
+    def profile(self, config: Config) -> DataProfile | None:
+        return self.client(config).profile(config)
 
     def before_stage(self, stage: str, config: Config) -> None:
         self._maybe_drop(stage, config)
@@ -122,8 +141,10 @@ def worker_main(
     n = exp.federation.sites
     byzantine = exp.federation.byzantine
     bad = attackers(n, byzantine.sites, exp.seed)
+    drifting = drifters(n, exp.federation.drift.sites, exp.seed, bad)
     for index in range(worker, n, workers):
-        site = SimulatedSite(task, index, exp, lock, byzantine.attack if index in bad else None)
+        attack = byzantine.attack if index in bad else None
+        site = SimulatedSite(task, index, exp, lock, attack, drifts=index in drifting)
         threading.Thread(
             target=_serve_site,
             args=(site, address, site_name(index, n), site_stop),

@@ -157,13 +157,17 @@ class ClassificationTask(ABC):
         partition: Mapping[str, Any],
         seed: int,
         flip_labels: bool = False,
+        shift: str | None = None,
     ) -> TorchClient:
         """A :class:`TorchClient` over partition ``site_index`` of ``num_sites``;
-        ``flip_labels`` maps label y to num_classes - 1 - y (a label-flipping attacker)."""
+        ``flip_labels`` maps label y to num_classes - 1 - y (a label-flipping attacker);
+        ``shift`` drifts the data (see :func:`shifted`)."""
         _check_site(site_index, num_sites)
         x, y = self.site_data(site_index, num_sites, partition, seed)
         if flip_labels:
             y = self.num_classes - 1 - y
+        if shift is not None:
+            x, y = shifted(shift, x, y, self.num_classes, np.random.default_rng([seed, site_index]))
         data = (torch.from_numpy(x), torch.from_numpy(y))
         return TorchClient(self.new_model(None), data, seed=_site_seed(seed, site_index))
 
@@ -218,6 +222,21 @@ class TabularClassificationTask(ClassificationTask):
             if key not in self._partitions:
                 self._partitions[key] = partition_indices(self.data.y_train, num_sites, spec, seed)
             return self._partitions[key]
+
+
+def shifted(
+    kind: str, x: np.ndarray, y: np.ndarray, num_classes: int, rng: np.random.Generator
+) -> tuple[np.ndarray, np.ndarray]:
+    """A drifted copy of a site's data: ``label_shift`` relabels y as (y + 1) mod classes
+    (concept drift); ``feature_shift`` moves each feature by its standard deviation (at
+    least half the overall one) and adds noise of half that size (covariate drift)."""
+    if kind == "label_shift":
+        return x, (y + 1) % num_classes
+    if kind == "feature_shift":
+        scale = np.maximum(x.std(axis=0), 0.5 * x.std()).astype(np.float32)
+        noise = rng.standard_normal(x.shape).astype(np.float32)
+        return (x + scale * (1.0 + 0.5 * noise)).astype(x.dtype), y
+    raise ValueError(f"unknown drift kind {kind!r}")
 
 
 def check_options(options: Mapping[str, Any], allowed: Iterable[str]) -> None:

@@ -1,6 +1,7 @@
 """Differential-privacy numerics, no I/O: CSPRNG Gaussian noise (:mod:`.noise`), L2
-clipping (:mod:`.clipping`), adaptive clipping (:mod:`.adaptive`), the privacy
-accountant (:mod:`.accountant`) and the central-DP aggregate (:mod:`.aggregator`).
+clipping (:mod:`.clipping`), adaptive clipping (:mod:`.adaptive`), the releases of one
+round as one mechanism (:mod:`.composition`), the privacy accountant (:mod:`.accountant`)
+and the central-DP aggregate (:mod:`.aggregator`).
 
 Importing the package is cheap: Opacus (and torch) load only when an epsilon is computed.
 """
@@ -13,6 +14,7 @@ from strategies.privacy.accountant import (
 )
 from strategies.privacy.adaptive import AdaptiveClipping, noise_split
 from strategies.privacy.clipping import clip_factor, clip_update
+from strategies.privacy.composition import composed_multiplier, remaining_multiplier
 from strategies.privacy.noise import SecureGaussian
 
 __all__ = [
@@ -21,8 +23,10 @@ __all__ = [
     "SecureGaussian",
     "clip_factor",
     "clip_update",
+    "composed_multiplier",
     "default_delta",
     "epsilon_of",
     "noise_multiplier_for",
     "noise_split",
+    "remaining_multiplier",
 ]

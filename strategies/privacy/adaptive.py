@@ -16,9 +16,11 @@ removing one site moves the centred sum by at most 1/2, so the count query is a 
 mechanism with multiplier ``2 sigma_b``. Run together with the model sum (multiplier
 ``z_delta``), the round is one Gaussian mechanism with multiplier
 ``(z_delta^-2 + (2 sigma_b)^-2)^-1/2``; so a round accounted at ``z`` gives the model
-``z_delta = noise_split(z, sigma_b)`` and the accountant records ``z``. (A plain count
-``sum_i b_i + N(0, sigma_b^2)`` has sensitivity 1, multiplier ``sigma_b``, and would make
-that split understate the spend.) With fixed-size sampling of exactly ``m`` sites the
+``z_delta = noise_split(z, sigma_b)`` and the accountant records ``z`` (with a pooled
+data histogram of multiplier ``sigma_h`` in the same round, ``z`` composed with it: see
+:mod:`strategies.privacy.composition`). (A plain count ``sum_i b_i + N(0, sigma_b^2)``
+has sensitivity 1, multiplier ``sigma_b``, and would make that split understate the
+spend.) With fixed-size sampling of exactly ``m`` sites the
 centred and the plain count coincide.
 
 Within a round, the current ``C`` clips the updates and scales that round's noise
@@ -35,6 +37,7 @@ from typing import Any
 import numpy as np
 
 from strategies.privacy.clipping import check_clip_norm
+from strategies.privacy.composition import remaining_multiplier
 from strategies.privacy.noise import SecureGaussian
 
 COUNT_STDDEV_FRACTION = 1 / 20
@@ -67,7 +70,7 @@ def noise_split(z: float, sigma_b: float) -> float:
             f"query alone would spend the round's whole budget (raise count_stddev or "
             f"lower noise_multiplier)"
         )
-    return (z**-2 - (2.0 * sigma_b) ** -2) ** -0.5
+    return remaining_multiplier(z, 2.0 * sigma_b)
 
 
 @dataclass

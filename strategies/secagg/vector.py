@@ -13,11 +13,17 @@ coordinates that the same secure sum carries:
     ``r`` when the site's example count exceeded the weight bound (its weight factor
     is then exactly 1), so the sum counts the sites whose weight was capped.
 
-The whole vector is quantized (:mod:`strategies.secagg.quantize`) with the site's weight
+All of that is quantized (:mod:`strategies.secagg.quantize`) with the site's weight
 factor ``w_i = min(n_i, W) / W`` (1 for every site when unweighted), so the coordinator
 learns only ``sum_i w_i * clip(delta_i)`` and the three sums above, and divides. Integer
 tensors (e.g. BatchNorm counters) are not in the vector and stay at the reference, as
 under central DP.
+
+With pooled data-drift checks a ``histogram`` tail follows: the site's pooled histogram
+(:mod:`strategies.histogram`), ``VectorLayout.histogram`` non-negative integers appended
+*un-quantized*, so the ring sum of the tails is the exact integer sum of the sites'
+histograms (the round's layout keeps ``sites * max_value < 2^ring_bits``). As with the
+update, the coordinator cannot check a site's tail, only the sum.
 
 Under client-side DP (``l2_clip``) the site first scales its float64 delta to L2 norm at
 most ``C`` and quantizes with ``r = C``, so no coordinate is clipped; the quantized
@@ -62,19 +68,21 @@ class VectorError(ValueError):
 @dataclass(frozen=True)
 class VectorLayout:
     """The floating tensors of the update reference, in vector order: ``(name, dtype
-    name, shape)``."""
+    name, shape)``, and the length of the integer histogram tail (0: none)."""
 
     tensors: tuple[tuple[str, str, tuple[int, ...]], ...]
+    histogram: int = 0
 
     @classmethod
-    def of(cls, reference: Arrays) -> VectorLayout:
+    def of(cls, reference: Arrays, histogram: int = 0) -> VectorLayout:
         """The layout of ``reference``'s floating tensors, sorted by name."""
         return cls(
             tuple(
                 (name, np.dtype(a.dtype).name, tuple(int(s) for s in a.shape))
                 for name, a in sorted(reference.items())
                 if a.dtype.kind == "f"
-            )
+            ),
+            histogram,
         )
 
     @property
@@ -83,9 +91,14 @@ class VectorLayout:
         return sum(math.prod(shape) for _, _, shape in self.tensors)
 
     @property
-    def dimension(self) -> int:
-        """Length of the quantized vector: deltas plus :data:`EXTRAS`."""
+    def quantized(self) -> int:
+        """Length of the quantized part: deltas plus :data:`EXTRAS`."""
         return self.size + len(EXTRAS)
+
+    @property
+    def dimension(self) -> int:
+        """Length of the whole vector: the quantized part, then the histogram tail."""
+        return self.quantized + self.histogram
 
 
 def weight_of(num_examples: int, max_examples: float | None) -> tuple[float, bool]:
@@ -139,8 +152,10 @@ def encode_update(
     max_examples: float | None,
     l2_clip: float | None = None,
     seed: bytes | None = None,
+    histogram: np.ndarray | None = None,
 ) -> Quantized:
-    """The site's quantized vector (deltas, then :data:`EXTRAS`; see the module docstring).
+    """The site's vector (deltas, then :data:`EXTRAS`, quantized; then the histogram tail
+    as it is; see the module docstring).
 
     Parameters
     ----------
@@ -152,12 +167,16 @@ def encode_update(
         Client-side DP: scale the delta to L2 norm at most this first.
     seed
         Key of the rounding randomness, for reproducible tests only.
+    histogram
+        The site's pooled histogram, ``layout.histogram`` integers in
+        ``[0, 2^ring_bits)`` (required when the layout has a tail).
 
     Raises
     ------
     VectorError
-        When the update does not fit the layout or the weight is invalid.
+        When the update or the histogram does not fit the layout or the weight is invalid.
     """
+    tail = _histogram_tail(histogram, layout, config)
     delta = flatten_delta(update, reference, layout)
     weight, capped = weight_of(num_examples, max_examples)
     try:
@@ -171,8 +190,28 @@ def encode_update(
     r = float(config.clip_range)
     extras = np.array([r, r * deltas.clipped / max(layout.size, 1), r if capped else 0.0])
     extra_seed = None if seed is None else hashlib.sha256(b"extras" + seed).digest()
-    tail = quantize(extras, config, weight=weight, seed=extra_seed)
-    return Quantized(np.concatenate([deltas.values, tail.values]), deltas.clipped)
+    quantized_extras = quantize(extras, config, weight=weight, seed=extra_seed)
+    vector = np.concatenate([deltas.values, quantized_extras.values, tail])
+    return Quantized(vector, deltas.clipped)
+
+
+def _histogram_tail(
+    histogram: np.ndarray | None, layout: VectorLayout, config: QuantizationConfig
+) -> np.ndarray:
+    """The histogram as ``uint32`` values of the ring, checked against the layout."""
+    if histogram is None:
+        if layout.histogram:
+            raise VectorError(f"the round expects a histogram of {layout.histogram} values")
+        return np.empty(0, dtype=np.uint32)
+    values = np.asarray(histogram)
+    if values.dtype.kind not in "iu" or values.shape != (layout.histogram,):
+        raise VectorError(
+            f"the histogram must be {layout.histogram} integers, got {values.dtype}"
+            f"{list(values.shape)}"
+        )
+    if values.size and (int(values.min()) < 0 or int(values.max()) >= config.modulus):
+        raise VectorError(f"histogram values must lie in [0, 2^{config.ring_bits})")
+    return values.astype(np.uint32)
 
 
 def quantized_sensitivity(
@@ -195,12 +234,15 @@ class SecureSum:
     total_weight: float
     clipped_fraction: float
     capped_sites: int
+    histogram: np.ndarray | None = None
+    """The exact integer sum of the sites' histogram tails (``int64``), if any."""
 
     @classmethod
     def zeros(cls, layout: VectorLayout) -> SecureSum:
         """The sum over no sites."""
         sums = {name: np.zeros(shape, dtype=np.float32) for name, _, shape in layout.tensors}
-        return cls(sums, 0, 0.0, 0.0, 0)
+        histogram = np.zeros(layout.histogram, np.int64) if layout.histogram else None
+        return cls(sums, 0, 0.0, 0.0, 0, histogram)
 
 
 def decode_sum(
@@ -215,7 +257,8 @@ def decode_sum(
     """
     if total.shape != (layout.dimension,):
         raise ValueError(f"the sum has shape {total.shape}, the layout ({layout.dimension},)")
-    values = dequantize_sum(total, count, config)
+    values = dequantize_sum(total[: layout.quantized], count, config)
+    histogram = total[layout.quantized :].astype(np.int64) if layout.histogram else None
     r = float(config.clip_range)
     sums: dict[str, np.ndarray] = {}
     at = 0
@@ -231,6 +274,7 @@ def decode_sum(
         total_weight=weight / r,
         clipped_fraction=clipped / weight if clipped > noise and weight > 0 else 0.0,
         capped_sites=max(0, round(capped / r)),
+        histogram=histogram,
     )
 
 

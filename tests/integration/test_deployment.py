@@ -44,7 +44,13 @@ privacy: {{secure_aggregation: {{enabled: {str(secure).lower()}, stage_timeout_s
     return path
 
 
-def serve(processes: Processes, data: Path, port: int, name: str = "serve"):
+def serve(
+    processes: Processes,
+    data: Path,
+    port: int,
+    name: str = "serve",
+    env: dict[str, str] | None = None,
+):
     proc = processes.start(
         name,
         "serve",
@@ -54,6 +60,7 @@ def serve(processes: Processes, data: Path, port: int, name: str = "serve"):
         f"127.0.0.1:{port}",
         "--insecure",
         "--open-enrollment",
+        env=env,
     )
     wait_for(lambda: "serving on" in processes.log(proc), 30, "the coordinator to listen")
     return proc

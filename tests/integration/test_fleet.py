@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
+from client_sdk.identity import SignedFleet, SiteIdentity
 from coordinator.server import Coordinator
 from coordinator.tasks import load_task
 from protos.codec import encode
@@ -70,6 +71,15 @@ def fleet(coordinator: Coordinator) -> fleet_pb2_grpc.FleetStub:
     return fleet_pb2_grpc.FleetStub(grpc.insecure_channel(coordinator.address))
 
 
+def signed_fleet(coordinator: Coordinator, site_id: str, enroll: bool = True) -> SignedFleet:
+    """A Fleet stub signing as ``site_id`` with a fresh key (enrolled, by default)."""
+    stub = SignedFleet(fleet(coordinator), SiteIdentity.generate(), site_id)
+    if enroll:
+        request = fleet_pb2.EnrollRequest(site_id=site_id, public_key=stub.identity.public_key)
+        stub.Enroll(request, timeout=5)
+    return stub
+
+
 def test_health_service_reports_serving(coordinator):
     stub = health_pb2_grpc.HealthStub(grpc.insecure_channel(coordinator.address))
     for service in ("", "fedcoord.v1.Fleet", "fedcoord.v1.Control"):
@@ -78,18 +88,18 @@ def test_health_service_reports_serving(coordinator):
 
 
 def test_unenrolled_sites_and_bad_ids_are_refused(coordinator):
-    stub = fleet(coordinator)
+    stub = signed_fleet(coordinator, "stranger", enroll=False)
     with pytest.raises(grpc.RpcError) as info:
         list(stub.PullTask(fleet_pb2.PullTaskRequest(site_id="stranger", wait_s=0), timeout=5))
-    assert info.value.code() == grpc.StatusCode.PERMISSION_DENIED
+    assert info.value.code() == grpc.StatusCode.UNAUTHENTICATED
+    assert info.value.details().startswith("unknown_site")
     with pytest.raises(grpc.RpcError) as info:
-        stub.Enroll(fleet_pb2.EnrollRequest(site_id="../etc/passwd"), timeout=5)
+        fleet(coordinator).Enroll(fleet_pb2.EnrollRequest(site_id="../etc/passwd"), timeout=5)
     assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT
 
 
 def test_results_for_unknown_tasks_and_headerless_streams_are_refused(coordinator):
-    stub = fleet(coordinator)
-    stub.Enroll(fleet_pb2.EnrollRequest(site_id="s1"), timeout=5)
+    stub = signed_fleet(coordinator, "s1")
     payload = encode({"w": np.zeros(3, np.float32)})
 
     def push(*messages):
@@ -116,8 +126,7 @@ def test_corrupted_upload_is_refused_and_the_round_goes_on(coordinator):
         {f"honest-{i}": task.make_client(i, 2, {"kind": "iid"}, 0) for i in range(2)},
         stop,
     )
-    raw = fleet(coordinator)
-    raw.Enroll(fleet_pb2.EnrollRequest(site_id="forger"), timeout=5)
+    raw = signed_fleet(coordinator, "forger")
     experiment = EXPERIMENT.replace("rounds: 2", "rounds: 1").replace("sites: 5", "sites: 3")
     run = coordinator.engine.submit(experiment)
     result: dict = {}

@@ -9,7 +9,7 @@ import pydantic
 import pytest
 
 from coordinator.errors import ConfigError
-from coordinator.experiment import Experiment, load_experiment, parse_experiment
+from coordinator.experiment import Drift, Experiment, load_experiment, parse_experiment
 from tests.conftest import ROOT
 
 BASE = "name: t\nrounds: 2\ntask: {name: digits}\n"
@@ -53,7 +53,7 @@ def test_the_full_design_example_parses():
     assert exp.federation.sampling.method == "poisson"
     assert exp.federation.sampling.timeout_s == 60.0
     assert isinstance(exp.federation.sampling.timeout_s, float)
-    assert exp.privacy.dp is None and exp.mlflow is None and exp.drift == {}
+    assert exp.privacy.dp is None and exp.mlflow is None and exp.drift == Drift()
 
 
 def test_defaults_are_filled_in():
@@ -289,8 +289,6 @@ def test_validation_bounds_parse_and_are_checked():
 @pytest.mark.parametrize(
     "text, key, what",
     [
-        (BASE + "mlflow: {tracking_uri: x}\n", "mlflow", "mlflow export"),
-        (BASE + "drift: {psi: 0.2}\n", "drift", "drift checks"),
         (BASE + "simulation: {backend: ray}\n", "simulation.backend", "the ray backend"),
     ],
 )

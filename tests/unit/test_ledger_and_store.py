@@ -8,9 +8,9 @@ import numpy as np
 import pytest
 
 from coordinator.errors import LedgerError
-from coordinator.merkle import merkle_root
 from coordinator.state import Database
 from protos.codec import digest_arrays
+from protos.merkle import merkle_root
 
 
 @pytest.fixture

@@ -23,6 +23,7 @@ from strategies.privacy.accountant import (
 from strategies.privacy.adaptive import AdaptiveClipping, noise_split
 from strategies.privacy.aggregator import ClippedNoisedMean
 from strategies.privacy.clipping import clip_factor, clip_update
+from strategies.privacy.composition import composed_multiplier, remaining_multiplier
 from strategies.privacy.noise import CHUNK, SecureGaussian
 from strategies.validation import delta_norm
 
@@ -456,3 +457,111 @@ def test_an_empty_round_releases_pure_noise():
     agg = ClippedNoisedMean(ref, 2.0, 10.0, 1.0, SecureGaussian())
     out = agg.mean()["w"]
     assert out.dtype == np.float32 and math.isclose(float(out.std()), 0.2, rel_tol=0.1)
+
+
+# --- a pooled data histogram released in the same round ----------------------------------
+
+DP_POOLED = """
+name: t
+rounds: 20
+task: {name: digits}
+federation: {sites: 50, sampling: {fraction: 0.2, method: poisson}}
+privacy: {dp: {noise_multiplier: 1.2, delta: 1.0e-5}}
+drift: {data: {labels: 10, noise_multiplier: 2.0, feature_range: [0, 1], features: 4, bins: 5}}
+"""
+
+
+def pooled_session(text: str = DP_POOLED):
+    from coordinator.experiment import parse_experiment
+    from coordinator.privacy import PrivacySession
+
+    exp = parse_experiment(text)
+    session = PrivacySession.start(exp)
+    assert session is not None
+    return exp, session
+
+
+def test_releases_on_one_sample_compose_into_one_gaussian_mechanism():
+    z = composed_multiplier(1.2, 2.0)
+    assert z == pytest.approx((1.2**-2 + 2.0**-2) ** -0.5) and z < 1.2
+    assert remaining_multiplier(z, 2.0) == pytest.approx(1.2)
+    assert composed_multiplier(0.7) == pytest.approx(0.7)
+    assert composed_multiplier(1.0, 1e12) == pytest.approx(1.0)  # a silent release is free
+    with pytest.raises(ValueError, match="alone spends"):
+        remaining_multiplier(2.0, 2.0)
+    with pytest.raises(ValueError):
+        composed_multiplier()
+    with pytest.raises(ValueError):
+        composed_multiplier(1.0, 0.0)
+
+
+def test_the_epsilon_is_opacus_rdp_at_the_composed_multiplier():
+    """The spend recorded per round equals Opacus' RDP accountant called directly with
+    the effective multiplier (z^-2 + sigma_h^-2)^-1/2 at the run's Poisson rate."""
+    from opacus.accountants import RDPAccountant
+
+    _, session = pooled_session()
+    effective = (1.2**-2 + 2.0**-2) ** -0.5
+    assert session.noise_multiplier == 1.2 and session.histogram_multiplier == 2.0
+    assert session.accounted_multiplier == pytest.approx(effective, rel=1e-12)
+    theirs = RDPAccountant()
+    reference = {"w": np.zeros(3, np.float32)}
+    for _ in range(5):
+        projected = session.projected_epsilon()
+        record = session.after_round(session.aggregator(reference, 50))
+        theirs.step(noise_multiplier=effective, sample_rate=0.2)
+        assert record["epsilon"] == pytest.approx(theirs.get_epsilon(delta=1e-5), rel=1e-9)
+        assert projected == pytest.approx(record["epsilon"], rel=1e-12)
+    assert record["accounted_noise_multiplier"] == pytest.approx(effective)
+    assert record["histogram_noise_multiplier"] == 2.0 and record["noise_multiplier"] == 1.2
+    assert record["model_noise_multiplier"] == 1.2  # the model's own noise is unchanged
+    assert record["epsilon"] > epsilon_of("rdp", [(1.2, 0.2, 5)], 1e-5)  # not free
+
+
+def test_target_epsilon_searches_the_round_and_leaves_the_model_the_rest():
+    from coordinator.errors import ConfigError
+
+    text = DP_POOLED.replace("noise_multiplier: 1.2", "target_epsilon: 3.0")
+    _, session = pooled_session(text)
+    effective = noise_multiplier_for(3.0, 1e-5, 0.2, 20)
+    assert session.accounted_multiplier == pytest.approx(effective, rel=1e-9)
+    assert composed_multiplier(session.noise_multiplier, 2.0) == pytest.approx(effective)
+    assert epsilon_of("rdp", [(session.accounted_multiplier, 0.2, 20)], 1e-5) <= 3.0
+    loud = text.replace("noise_multiplier: 2.0", "noise_multiplier: 0.5")
+    with pytest.raises(ConfigError) as err:
+        pooled_session(loud)
+    assert err.value.key == "drift.data.noise_multiplier"
+
+
+def test_the_histogram_noise_has_the_claimed_std(monkeypatch, tmp_path):
+    """Fixed key (a reproducible seed source): the noise the pooled histogram gets has
+    std sigma_h sqrt(F + 2) on every coordinate, mean 0, and is normal."""
+    from coordinator.drift import DriftMonitor
+    from coordinator.model_store import ModelStore
+    from strategies.drift import profile_of
+
+    (generator,) = fixed_key_generators(monkeypatch, 1)
+    exp, session = pooled_session()
+    session.noise = generator
+    monitor = DriftMonitor(exp, ModelStore(tmp_path))
+    spec = monitor.histogram
+    assert spec is not None and spec.encoding == "proportions"
+    assert spec.sensitivity == math.sqrt(4 + 2) and spec.cap == 50
+    rng = np.random.default_rng(0)
+    profiles = [
+        profile_of(rng.uniform(0, 1, (n, 4)), rng.integers(0, 10, n), 5) for n in (30, 80, 200)
+    ]
+    clean = spec.decode(sum(spec.encode(p) for p in profiles), 3)
+    claimed = 2.0 * math.sqrt(6)
+    diffs = np.empty((1000, spec.size))
+    for i in range(1000):
+        noised = clean.copy()
+        assert session.noise_histogram(noised, spec.sensitivity) == pytest.approx(claimed)
+        diffs[i] = noised - clean
+    assert abs(diffs.std() / claimed - 1) < 0.02
+    assert abs(diffs.mean()) < 0.02 * claimed
+    assert np.all(np.abs(diffs.std(axis=0) / claimed - 1) < 0.1)  # every coordinate
+    assert stats.kstest(diffs.ravel()[:20_000] / claimed, "norm").pvalue > 1e-3
+    pooled = monitor.pool(None, profiles, 3, session)  # the engine's path draws it too
+    assert pooled is not None and not isinstance(pooled, str)
+    assert pooled.noise_std == pytest.approx(claimed) and pooled.encoding == "proportions"

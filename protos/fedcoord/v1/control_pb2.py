@@ -24,7 +24,7 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n protos/fedcoord/v1/control.proto\x12\x0b\x66\x65\x64\x63oord.v1\"+\n\x10SubmitRunRequest\x12\x17\n\x0f\x65xperiment_yaml\x18\x01 \x01(\t\"\x8c\x01\n\x07RunInfo\x12\x0e\n\x06run_id\x18\x01 \x01(\t\x12\x0c\n\x04name\x18\x02 \x01(\t\x12\x0e\n\x06status\x18\x03 \x01(\t\x12\x18\n\x10rounds_completed\x18\x04 \x01(\r\x12\x14\n\x0crounds_total\x18\x05 \x01(\r\x12\x14\n\x0csummary_json\x18\x06 \x01(\t\x12\r\n\x05\x65rror\x18\x07 \x01(\t\"\x1f\n\rGetRunRequest\x12\x0e\n\x06run_id\x18\x01 \x01(\t\"\x11\n\x0fListRunsRequest\"3\n\rListRunsReply\x12\"\n\x04runs\x18\x01 \x03(\x0b\x32\x14.fedcoord.v1.RunInfo\" \n\x0eStopRunRequest\x12\x0e\n\x06run_id\x18\x01 \x01(\t\"7\n\x13StreamEventsRequest\x12\x0e\n\x06run_id\x18\x01 \x01(\t\x12\x10\n\x08\x66rom_seq\x18\x02 \x01(\x04\"l\n\x08RunEvent\x12\x0e\n\x06run_id\x18\x01 \x01(\t\x12\x0b\n\x03seq\x18\x02 \x01(\x04\x12\x0c\n\x04kind\x18\x03 \x01(\t\x12\x0f\n\x07message\x18\x04 \x01(\t\x12\x11\n\tdata_json\x18\x05 \x01(\t\x12\x11\n\ttime_unix\x18\x06 \x01(\x01\"\x12\n\x10ListSitesRequest\"S\n\x08SiteInfo\x12\x0f\n\x07site_id\x18\x01 \x01(\t\x12\x0e\n\x06status\x18\x02 \x01(\t\x12\x16\n\x0elast_seen_unix\x18\x03 \x01(\x01\x12\x0e\n\x06online\x18\x04 \x01(\x08\"6\n\x0eListSitesReply\x12$\n\x05sites\x18\x01 \x03(\x0b\x32\x15.fedcoord.v1.SiteInfo2\x9f\x03\n\x07\x43ontrol\x12@\n\tSubmitRun\x12\x1d.fedcoord.v1.SubmitRunRequest\x1a\x14.fedcoord.v1.RunInfo\x12:\n\x06GetRun\x12\x1a.fedcoord.v1.GetRunRequest\x1a\x14.fedcoord.v1.RunInfo\x12\x44\n\x08ListRuns\x12\x1c.fedcoord.v1.ListRunsRequest\x1a\x1a.fedcoord.v1.ListRunsReply\x12<\n\x07StopRun\x12\x1b.fedcoord.v1.StopRunRequest\x1a\x14.fedcoord.v1.RunInfo\x12I\n\x0cStreamEvents\x12 .fedcoord.v1.StreamEventsRequest\x1a\x15.fedcoord.v1.RunEvent0\x01\x12G\n\tListSites\x12\x1d.fedcoord.v1.ListSitesRequest\x1a\x1b.fedcoord.v1.ListSitesReplyb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n protos/fedcoord/v1/control.proto\x12\x0b\x66\x65\x64\x63oord.v1\"+\n\x10SubmitRunRequest\x12\x17\n\x0f\x65xperiment_yaml\x18\x01 \x01(\t\"\x8c\x01\n\x07RunInfo\x12\x0e\n\x06run_id\x18\x01 \x01(\t\x12\x0c\n\x04name\x18\x02 \x01(\t\x12\x0e\n\x06status\x18\x03 \x01(\t\x12\x18\n\x10rounds_completed\x18\x04 \x01(\r\x12\x14\n\x0crounds_total\x18\x05 \x01(\r\x12\x14\n\x0csummary_json\x18\x06 \x01(\t\x12\r\n\x05\x65rror\x18\x07 \x01(\t\"\x1f\n\rGetRunRequest\x12\x0e\n\x06run_id\x18\x01 \x01(\t\"\x11\n\x0fListRunsRequest\"3\n\rListRunsReply\x12\"\n\x04runs\x18\x01 \x03(\x0b\x32\x14.fedcoord.v1.RunInfo\" \n\x0eStopRunRequest\x12\x0e\n\x06run_id\x18\x01 \x01(\t\"7\n\x13StreamEventsRequest\x12\x0e\n\x06run_id\x18\x01 \x01(\t\x12\x10\n\x08\x66rom_seq\x18\x02 \x01(\x04\"l\n\x08RunEvent\x12\x0e\n\x06run_id\x18\x01 \x01(\t\x12\x0b\n\x03seq\x18\x02 \x01(\x04\x12\x0c\n\x04kind\x18\x03 \x01(\t\x12\x0f\n\x07message\x18\x04 \x01(\t\x12\x11\n\tdata_json\x18\x05 \x01(\t\x12\x11\n\ttime_unix\x18\x06 \x01(\x01\"\x12\n\x10ListSitesRequest\"\x88\x01\n\x08SiteInfo\x12\x0f\n\x07site_id\x18\x01 \x01(\t\x12\x0e\n\x06status\x18\x02 \x01(\t\x12\x16\n\x0elast_seen_unix\x18\x03 \x01(\x01\x12\x0e\n\x06online\x18\x04 \x01(\x08\x12\x17\n\x0fkey_fingerprint\x18\x05 \x01(\t\x12\x1a\n\x12token_expires_unix\x18\x06 \x01(\x01\"6\n\x0eListSitesReply\x12$\n\x05sites\x18\x01 \x03(\x0b\x32\x15.fedcoord.v1.SiteInfo\"3\n\x11\x45nrollSiteRequest\x12\x0f\n\x07site_id\x18\x01 \x01(\t\x12\r\n\x05ttl_s\x18\x02 \x01(\x01\"W\n\x0f\x45nrollSiteReply\x12\x0f\n\x07site_id\x18\x01 \x01(\t\x12\r\n\x05token\x18\x02 \x01(\t\x12\x14\n\x0c\x65xpires_unix\x18\x03 \x01(\x01\x12\x0e\n\x06status\x18\x04 \x01(\t\"$\n\x11RevokeSiteRequest\x12\x0f\n\x07site_id\x18\x01 \x01(\t\"G\n\x0fRevokeSiteReply\x12#\n\x04site\x18\x01 \x01(\x0b\x32\x15.fedcoord.v1.SiteInfo\x12\x0f\n\x07\x63hanged\x18\x02 \x01(\x08\x32\xb7\x04\n\x07\x43ontrol\x12@\n\tSubmitRun\x12\x1d.fedcoord.v1.SubmitRunRequest\x1a\x14.fedcoord.v1.RunInfo\x12:\n\x06GetRun\x12\x1a.fedcoord.v1.GetRunRequest\x1a\x14.fedcoord.v1.RunInfo\x12\x44\n\x08ListRuns\x12\x1c.fedcoord.v1.ListRunsRequest\x1a\x1a.fedcoord.v1.ListRunsReply\x12<\n\x07StopRun\x12\x1b.fedcoord.v1.StopRunRequest\x1a\x14.fedcoord.v1.RunInfo\x12I\n\x0cStreamEvents\x12 .fedcoord.v1.StreamEventsRequest\x1a\x15.fedcoord.v1.RunEvent0\x01\x12G\n\tListSites\x12\x1d.fedcoord.v1.ListSitesRequest\x1a\x1b.fedcoord.v1.ListSitesReply\x12J\n\nEnrollSite\x12\x1e.fedcoord.v1.EnrollSiteRequest\x1a\x1c.fedcoord.v1.EnrollSiteReply\x12J\n\nRevokeSite\x12\x1e.fedcoord.v1.RevokeSiteRequest\x1a\x1c.fedcoord.v1.RevokeSiteReplyb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -49,10 +49,18 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_RUNEVENT']._serialized_end=541
   _globals['_LISTSITESREQUEST']._serialized_start=543
   _globals['_LISTSITESREQUEST']._serialized_end=561
-  _globals['_SITEINFO']._serialized_start=563
-  _globals['_SITEINFO']._serialized_end=646
-  _globals['_LISTSITESREPLY']._serialized_start=648
-  _globals['_LISTSITESREPLY']._serialized_end=702
-  _globals['_CONTROL']._serialized_start=705
-  _globals['_CONTROL']._serialized_end=1120
+  _globals['_SITEINFO']._serialized_start=564
+  _globals['_SITEINFO']._serialized_end=700
+  _globals['_LISTSITESREPLY']._serialized_start=702
+  _globals['_LISTSITESREPLY']._serialized_end=756
+  _globals['_ENROLLSITEREQUEST']._serialized_start=758
+  _globals['_ENROLLSITEREQUEST']._serialized_end=809
+  _globals['_ENROLLSITEREPLY']._serialized_start=811
+  _globals['_ENROLLSITEREPLY']._serialized_end=898
+  _globals['_REVOKESITEREQUEST']._serialized_start=900
+  _globals['_REVOKESITEREQUEST']._serialized_end=936
+  _globals['_REVOKESITEREPLY']._serialized_start=938
+  _globals['_REVOKESITEREPLY']._serialized_end=1009
+  _globals['_CONTROL']._serialized_start=1012
+  _globals['_CONTROL']._serialized_end=1579
 # @@protoc_insertion_point(module_scope)

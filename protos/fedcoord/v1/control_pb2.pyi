@@ -81,19 +81,57 @@ class ListSitesRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class SiteInfo(_message.Message):
-    __slots__ = ("site_id", "status", "last_seen_unix", "online")
+    __slots__ = ("site_id", "status", "last_seen_unix", "online", "key_fingerprint", "token_expires_unix")
     SITE_ID_FIELD_NUMBER: _ClassVar[int]
     STATUS_FIELD_NUMBER: _ClassVar[int]
     LAST_SEEN_UNIX_FIELD_NUMBER: _ClassVar[int]
     ONLINE_FIELD_NUMBER: _ClassVar[int]
+    KEY_FINGERPRINT_FIELD_NUMBER: _ClassVar[int]
+    TOKEN_EXPIRES_UNIX_FIELD_NUMBER: _ClassVar[int]
     site_id: str
     status: str
     last_seen_unix: float
     online: bool
-    def __init__(self, site_id: _Optional[str] = ..., status: _Optional[str] = ..., last_seen_unix: _Optional[float] = ..., online: _Optional[bool] = ...) -> None: ...
+    key_fingerprint: str
+    token_expires_unix: float
+    def __init__(self, site_id: _Optional[str] = ..., status: _Optional[str] = ..., last_seen_unix: _Optional[float] = ..., online: _Optional[bool] = ..., key_fingerprint: _Optional[str] = ..., token_expires_unix: _Optional[float] = ...) -> None: ...
 
 class ListSitesReply(_message.Message):
     __slots__ = ("sites",)
     SITES_FIELD_NUMBER: _ClassVar[int]
     sites: _containers.RepeatedCompositeFieldContainer[SiteInfo]
     def __init__(self, sites: _Optional[_Iterable[_Union[SiteInfo, _Mapping]]] = ...) -> None: ...
+
+class EnrollSiteRequest(_message.Message):
+    __slots__ = ("site_id", "ttl_s")
+    SITE_ID_FIELD_NUMBER: _ClassVar[int]
+    TTL_S_FIELD_NUMBER: _ClassVar[int]
+    site_id: str
+    ttl_s: float
+    def __init__(self, site_id: _Optional[str] = ..., ttl_s: _Optional[float] = ...) -> None: ...
+
+class EnrollSiteReply(_message.Message):
+    __slots__ = ("site_id", "token", "expires_unix", "status")
+    SITE_ID_FIELD_NUMBER: _ClassVar[int]
+    TOKEN_FIELD_NUMBER: _ClassVar[int]
+    EXPIRES_UNIX_FIELD_NUMBER: _ClassVar[int]
+    STATUS_FIELD_NUMBER: _ClassVar[int]
+    site_id: str
+    token: str
+    expires_unix: float
+    status: str
+    def __init__(self, site_id: _Optional[str] = ..., token: _Optional[str] = ..., expires_unix: _Optional[float] = ..., status: _Optional[str] = ...) -> None: ...
+
+class RevokeSiteRequest(_message.Message):
+    __slots__ = ("site_id",)
+    SITE_ID_FIELD_NUMBER: _ClassVar[int]
+    site_id: str
+    def __init__(self, site_id: _Optional[str] = ...) -> None: ...
+
+class RevokeSiteReply(_message.Message):
+    __slots__ = ("site", "changed")
+    SITE_FIELD_NUMBER: _ClassVar[int]
+    CHANGED_FIELD_NUMBER: _ClassVar[int]
+    site: SiteInfo
+    changed: bool
+    def __init__(self, site: _Optional[_Union[SiteInfo, _Mapping]] = ..., changed: _Optional[bool] = ...) -> None: ...

@@ -65,6 +65,16 @@ class ControlStub:
                 request_serializer=protos_dot_fedcoord_dot_v1_dot_control__pb2.ListSitesRequest.SerializeToString,
                 response_deserializer=protos_dot_fedcoord_dot_v1_dot_control__pb2.ListSitesReply.FromString,
                 _registered_method=True)
+        self.EnrollSite = channel.unary_unary(
+                '/fedcoord.v1.Control/EnrollSite',
+                request_serializer=protos_dot_fedcoord_dot_v1_dot_control__pb2.EnrollSiteRequest.SerializeToString,
+                response_deserializer=protos_dot_fedcoord_dot_v1_dot_control__pb2.EnrollSiteReply.FromString,
+                _registered_method=True)
+        self.RevokeSite = channel.unary_unary(
+                '/fedcoord.v1.Control/RevokeSite',
+                request_serializer=protos_dot_fedcoord_dot_v1_dot_control__pb2.RevokeSiteRequest.SerializeToString,
+                response_deserializer=protos_dot_fedcoord_dot_v1_dot_control__pb2.RevokeSiteReply.FromString,
+                _registered_method=True)
 
 
 class ControlServicer:
@@ -108,6 +118,20 @@ class ControlServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def EnrollSite(self, request, context):
+        """Issues a one-time enrollment token for the site (shown once; stored only as a hash).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def RevokeSite(self, request, context):
+        """Revokes the site at once: its requests are refused and its open task is failed.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_ControlServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -140,6 +164,16 @@ def add_ControlServicer_to_server(servicer, server):
                     servicer.ListSites,
                     request_deserializer=protos_dot_fedcoord_dot_v1_dot_control__pb2.ListSitesRequest.FromString,
                     response_serializer=protos_dot_fedcoord_dot_v1_dot_control__pb2.ListSitesReply.SerializeToString,
+            ),
+            'EnrollSite': grpc.unary_unary_rpc_method_handler(
+                    servicer.EnrollSite,
+                    request_deserializer=protos_dot_fedcoord_dot_v1_dot_control__pb2.EnrollSiteRequest.FromString,
+                    response_serializer=protos_dot_fedcoord_dot_v1_dot_control__pb2.EnrollSiteReply.SerializeToString,
+            ),
+            'RevokeSite': grpc.unary_unary_rpc_method_handler(
+                    servicer.RevokeSite,
+                    request_deserializer=protos_dot_fedcoord_dot_v1_dot_control__pb2.RevokeSiteRequest.FromString,
+                    response_serializer=protos_dot_fedcoord_dot_v1_dot_control__pb2.RevokeSiteReply.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -305,6 +339,60 @@ class Control:
             '/fedcoord.v1.Control/ListSites',
             protos_dot_fedcoord_dot_v1_dot_control__pb2.ListSitesRequest.SerializeToString,
             protos_dot_fedcoord_dot_v1_dot_control__pb2.ListSitesReply.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def EnrollSite(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/fedcoord.v1.Control/EnrollSite',
+            protos_dot_fedcoord_dot_v1_dot_control__pb2.EnrollSiteRequest.SerializeToString,
+            protos_dot_fedcoord_dot_v1_dot_control__pb2.EnrollSiteReply.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def RevokeSite(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/fedcoord.v1.Control/RevokeSite',
+            protos_dot_fedcoord_dot_v1_dot_control__pb2.RevokeSiteRequest.SerializeToString,
+            protos_dot_fedcoord_dot_v1_dot_control__pb2.RevokeSiteReply.FromString,
             options,
             channel_credentials,
             insecure,

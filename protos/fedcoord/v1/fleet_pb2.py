@@ -26,7 +26,7 @@ from protos.fedcoord.v1 import common_pb2 as protos_dot_fedcoord_dot_v1_dot_comm
 from protos.fedcoord.v1 import secagg_pb2 as protos_dot_fedcoord_dot_v1_dot_secagg__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1eprotos/fedcoord/v1/fleet.proto\x12\x0b\x66\x65\x64\x63oord.v1\x1a\x1fprotos/fedcoord/v1/common.proto\x1a\x1fprotos/fedcoord/v1/secagg.proto\"\xb6\x01\n\rEnrollRequest\x12\x0f\n\x07site_id\x18\x01 \x01(\t\x12\r\n\x05token\x18\x02 \x01(\t\x12\x12\n\npublic_key\x18\x03 \x01(\x0c\x12>\n\nproperties\x18\x04 \x03(\x0b\x32*.fedcoord.v1.EnrollRequest.PropertiesEntry\x1a\x31\n\x0fPropertiesEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"T\n\x0b\x45nrollReply\x12\x0f\n\x07site_id\x18\x01 \x01(\t\x12\x16\n\x0e\x63oordinator_id\x18\x02 \x01(\t\x12\x1c\n\x14heartbeat_interval_s\x18\x03 \x01(\r\"O\n\x0fPullTaskRequest\x12\x0f\n\x07site_id\x18\x01 \x01(\t\x12\x1b\n\x13\x63\x61\x63hed_model_digest\x18\x02 \x01(\t\x12\x0e\n\x06wait_s\x18\x03 \x01(\r\"\xf7\x01\n\nTaskHeader\x12\x0f\n\x07task_id\x18\x01 \x01(\t\x12\x0e\n\x06run_id\x18\x02 \x01(\t\x12\r\n\x05round\x18\x03 \x01(\r\x12#\n\x04kind\x18\x04 \x01(\x0e\x32\x15.fedcoord.v1.TaskKind\x12\x13\n\x0b\x63onfig_json\x18\x05 \x01(\t\x12\x14\n\x0cmodel_digest\x18\x06 \x01(\t\x12)\n\x05model\x18\x07 \x01(\x0b\x32\x1a.fedcoord.v1.PayloadHeader\x12\x15\n\rdeadline_unix\x18\x08 \x01(\x01\x12\'\n\x06secagg\x18\t \x01(\x0b\x32\x17.fedcoord.v1.SecAggTask\" \n\x06NoTask\x12\x16\n\x0eretry_after_ms\x18\x01 \x01(\r\"\x8a\x01\n\x0bTaskMessage\x12)\n\x06header\x18\x01 \x01(\x0b\x32\x17.fedcoord.v1.TaskHeaderH\x00\x12#\n\x05\x63hunk\x18\x02 \x01(\x0b\x32\x12.fedcoord.v1.ChunkH\x00\x12#\n\x04none\x18\x03 \x01(\x0b\x32\x13.fedcoord.v1.NoTaskH\x00\x42\x06\n\x04kind\"\x94\x02\n\x0cResultHeader\x12\x0f\n\x07site_id\x18\x01 \x01(\t\x12\x0f\n\x07task_id\x18\x02 \x01(\t\x12\x14\n\x0cnum_examples\x18\x03 \x01(\x04\x12\x37\n\x07metrics\x18\x04 \x03(\x0b\x32&.fedcoord.v1.ResultHeader.MetricsEntry\x12*\n\x06update\x18\x05 \x01(\x0b\x32\x1a.fedcoord.v1.PayloadHeader\x12\r\n\x05\x65rror\x18\x06 \x01(\t\x12(\n\x06secagg\x18\x07 \x01(\x0b\x32\x18.fedcoord.v1.SecAggReply\x1a.\n\x0cMetricsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x01:\x02\x38\x01\"i\n\rResultMessage\x12+\n\x06header\x18\x01 \x01(\x0b\x32\x19.fedcoord.v1.ResultHeaderH\x00\x12#\n\x05\x63hunk\x18\x02 \x01(\x0b\x32\x12.fedcoord.v1.ChunkH\x00\x42\x06\n\x04kind\"-\n\tPushReply\x12\x10\n\x08\x61\x63\x63\x65pted\x18\x01 \x01(\x08\x12\x0e\n\x06reason\x18\x02 \x01(\t\"4\n\x10HeartbeatRequest\x12\x0f\n\x07site_id\x18\x01 \x01(\t\x12\x0f\n\x07task_id\x18\x02 \x01(\t\"%\n\x0eHeartbeatReply\x12\x13\n\x0btask_active\x18\x01 \x01(\x08*f\n\x08TaskKind\x12\x19\n\x15TASK_KIND_UNSPECIFIED\x10\x00\x12\x11\n\rTASK_KIND_FIT\x10\x01\x12\x16\n\x12TASK_KIND_EVALUATE\x10\x02\x12\x14\n\x10TASK_KIND_SECAGG\x10\x03\x32\x9a\x02\n\x05\x46leet\x12>\n\x06\x45nroll\x12\x1a.fedcoord.v1.EnrollRequest\x1a\x18.fedcoord.v1.EnrollReply\x12\x44\n\x08PullTask\x12\x1c.fedcoord.v1.PullTaskRequest\x1a\x18.fedcoord.v1.TaskMessage0\x01\x12\x42\n\nPushResult\x12\x1a.fedcoord.v1.ResultMessage\x1a\x16.fedcoord.v1.PushReply(\x01\x12G\n\tHeartbeat\x12\x1d.fedcoord.v1.HeartbeatRequest\x1a\x1b.fedcoord.v1.HeartbeatReplyb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1eprotos/fedcoord/v1/fleet.proto\x12\x0b\x66\x65\x64\x63oord.v1\x1a\x1fprotos/fedcoord/v1/common.proto\x1a\x1fprotos/fedcoord/v1/secagg.proto\"\xb6\x01\n\rEnrollRequest\x12\x0f\n\x07site_id\x18\x01 \x01(\t\x12\r\n\x05token\x18\x02 \x01(\t\x12\x12\n\npublic_key\x18\x03 \x01(\x0c\x12>\n\nproperties\x18\x04 \x03(\x0b\x32*.fedcoord.v1.EnrollRequest.PropertiesEntry\x1a\x31\n\x0fPropertiesEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"t\n\x0b\x45nrollReply\x12\x0f\n\x07site_id\x18\x01 \x01(\t\x12\x16\n\x0e\x63oordinator_id\x18\x02 \x01(\t\x12\x1c\n\x14heartbeat_interval_s\x18\x03 \x01(\r\x12\x1e\n\x16\x63oordinator_public_key\x18\x04 \x01(\x0c\"O\n\x0fPullTaskRequest\x12\x0f\n\x07site_id\x18\x01 \x01(\t\x12\x1b\n\x13\x63\x61\x63hed_model_digest\x18\x02 \x01(\t\x12\x0e\n\x06wait_s\x18\x03 \x01(\r\"\xf7\x01\n\nTaskHeader\x12\x0f\n\x07task_id\x18\x01 \x01(\t\x12\x0e\n\x06run_id\x18\x02 \x01(\t\x12\r\n\x05round\x18\x03 \x01(\r\x12#\n\x04kind\x18\x04 \x01(\x0e\x32\x15.fedcoord.v1.TaskKind\x12\x13\n\x0b\x63onfig_json\x18\x05 \x01(\t\x12\x14\n\x0cmodel_digest\x18\x06 \x01(\t\x12)\n\x05model\x18\x07 \x01(\x0b\x32\x1a.fedcoord.v1.PayloadHeader\x12\x15\n\rdeadline_unix\x18\x08 \x01(\x01\x12\'\n\x06secagg\x18\t \x01(\x0b\x32\x17.fedcoord.v1.SecAggTask\" \n\x06NoTask\x12\x16\n\x0eretry_after_ms\x18\x01 \x01(\r\"\x8a\x01\n\x0bTaskMessage\x12)\n\x06header\x18\x01 \x01(\x0b\x32\x17.fedcoord.v1.TaskHeaderH\x00\x12#\n\x05\x63hunk\x18\x02 \x01(\x0b\x32\x12.fedcoord.v1.ChunkH\x00\x12#\n\x04none\x18\x03 \x01(\x0b\x32\x13.fedcoord.v1.NoTaskH\x00\x42\x06\n\x04kind\"\xbf\x02\n\x0cResultHeader\x12\x0f\n\x07site_id\x18\x01 \x01(\t\x12\x0f\n\x07task_id\x18\x02 \x01(\t\x12\x14\n\x0cnum_examples\x18\x03 \x01(\x04\x12\x37\n\x07metrics\x18\x04 \x03(\x0b\x32&.fedcoord.v1.ResultHeader.MetricsEntry\x12*\n\x06update\x18\x05 \x01(\x0b\x32\x1a.fedcoord.v1.PayloadHeader\x12\r\n\x05\x65rror\x18\x06 \x01(\t\x12(\n\x06secagg\x18\x07 \x01(\x0b\x32\x18.fedcoord.v1.SecAggReply\x12)\n\x07profile\x18\x08 \x01(\x0b\x32\x18.fedcoord.v1.DataProfile\x1a.\n\x0cMetricsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x01:\x02\x38\x01\"_\n\x0b\x44\x61taProfile\x12\x14\n\x0cnum_examples\x18\x01 \x01(\x04\x12\x14\n\x0clabel_counts\x18\x02 \x03(\x01\x12\x0c\n\x04\x62ins\x18\x03 \x01(\r\x12\x16\n\x0e\x66\x65\x61ture_counts\x18\x04 \x03(\x01\"i\n\rResultMessage\x12+\n\x06header\x18\x01 \x01(\x0b\x32\x19.fedcoord.v1.ResultHeaderH\x00\x12#\n\x05\x63hunk\x18\x02 \x01(\x0b\x32\x12.fedcoord.v1.ChunkH\x00\x42\x06\n\x04kind\"-\n\tPushReply\x12\x10\n\x08\x61\x63\x63\x65pted\x18\x01 \x01(\x08\x12\x0e\n\x06reason\x18\x02 \x01(\t\"4\n\x10HeartbeatRequest\x12\x0f\n\x07site_id\x18\x01 \x01(\t\x12\x0f\n\x07task_id\x18\x02 \x01(\t\"%\n\x0eHeartbeatReply\x12\x13\n\x0btask_active\x18\x01 \x01(\x08\"@\n\x0eReceiptRequest\x12\x0f\n\x07site_id\x18\x01 \x01(\t\x12\x0e\n\x06run_id\x18\x02 \x01(\t\x12\r\n\x05round\x18\x03 \x01(\r\"B\n\tProofStep\x12\x0f\n\x07sibling\x18\x01 \x01(\x0c\x12$\n\x04side\x18\x02 \x01(\x0e\x32\x16.fedcoord.v1.ProofSide\"\xcf\x01\n\x0cReceiptReply\x12*\n\x06status\x18\x01 \x01(\x0e\x32\x1a.fedcoord.v1.ReceiptStatus\x12\x16\n\x0estatement_json\x18\x02 \x01(\t\x12\x1b\n\x13statement_signature\x18\x03 \x01(\x0c\x12\x17\n\x0f\x65ntry_signature\x18\x04 \x01(\x0c\x12%\n\x05proof\x18\x05 \x03(\x0b\x32\x16.fedcoord.v1.ProofStep\x12\x1e\n\x16\x63oordinator_public_key\x18\x06 \x01(\x0c*f\n\x08TaskKind\x12\x19\n\x15TASK_KIND_UNSPECIFIED\x10\x00\x12\x11\n\rTASK_KIND_FIT\x10\x01\x12\x16\n\x12TASK_KIND_EVALUATE\x10\x02\x12\x14\n\x10TASK_KIND_SECAGG\x10\x03*\x89\x01\n\rReceiptStatus\x12\x1e\n\x1aRECEIPT_STATUS_UNSPECIFIED\x10\x00\x12\x1a\n\x16RECEIPT_STATUS_PENDING\x10\x01\x12\x1b\n\x17RECEIPT_STATUS_INCLUDED\x10\x02\x12\x1f\n\x1bRECEIPT_STATUS_NOT_INCLUDED\x10\x03*R\n\tProofSide\x12\x1a\n\x16PROOF_SIDE_UNSPECIFIED\x10\x00\x12\x13\n\x0fPROOF_SIDE_LEFT\x10\x01\x12\x14\n\x10PROOF_SIDE_RIGHT\x10\x02\x32\xe0\x02\n\x05\x46leet\x12>\n\x06\x45nroll\x12\x1a.fedcoord.v1.EnrollRequest\x1a\x18.fedcoord.v1.EnrollReply\x12\x44\n\x08PullTask\x12\x1c.fedcoord.v1.PullTaskRequest\x1a\x18.fedcoord.v1.TaskMessage0\x01\x12\x42\n\nPushResult\x12\x1a.fedcoord.v1.ResultMessage\x1a\x16.fedcoord.v1.PushReply(\x01\x12G\n\tHeartbeat\x12\x1d.fedcoord.v1.HeartbeatRequest\x1a\x1b.fedcoord.v1.HeartbeatReply\x12\x44\n\nGetReceipt\x12\x1b.fedcoord.v1.ReceiptRequest\x1a\x19.fedcoord.v1.ReceiptReplyb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -37,34 +37,46 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_ENROLLREQUEST_PROPERTIESENTRY']._serialized_options = b'8\001'
   _globals['_RESULTHEADER_METRICSENTRY']._loaded_options = None
   _globals['_RESULTHEADER_METRICSENTRY']._serialized_options = b'8\001'
-  _globals['_TASKKIND']._serialized_start=1416
-  _globals['_TASKKIND']._serialized_end=1518
+  _globals['_TASKKIND']._serialized_start=1932
+  _globals['_TASKKIND']._serialized_end=2034
+  _globals['_RECEIPTSTATUS']._serialized_start=2037
+  _globals['_RECEIPTSTATUS']._serialized_end=2174
+  _globals['_PROOFSIDE']._serialized_start=2176
+  _globals['_PROOFSIDE']._serialized_end=2258
   _globals['_ENROLLREQUEST']._serialized_start=114
   _globals['_ENROLLREQUEST']._serialized_end=296
   _globals['_ENROLLREQUEST_PROPERTIESENTRY']._serialized_start=247
   _globals['_ENROLLREQUEST_PROPERTIESENTRY']._serialized_end=296
   _globals['_ENROLLREPLY']._serialized_start=298
-  _globals['_ENROLLREPLY']._serialized_end=382
-  _globals['_PULLTASKREQUEST']._serialized_start=384
-  _globals['_PULLTASKREQUEST']._serialized_end=463
-  _globals['_TASKHEADER']._serialized_start=466
-  _globals['_TASKHEADER']._serialized_end=713
-  _globals['_NOTASK']._serialized_start=715
-  _globals['_NOTASK']._serialized_end=747
-  _globals['_TASKMESSAGE']._serialized_start=750
-  _globals['_TASKMESSAGE']._serialized_end=888
-  _globals['_RESULTHEADER']._serialized_start=891
-  _globals['_RESULTHEADER']._serialized_end=1167
-  _globals['_RESULTHEADER_METRICSENTRY']._serialized_start=1121
-  _globals['_RESULTHEADER_METRICSENTRY']._serialized_end=1167
-  _globals['_RESULTMESSAGE']._serialized_start=1169
-  _globals['_RESULTMESSAGE']._serialized_end=1274
-  _globals['_PUSHREPLY']._serialized_start=1276
-  _globals['_PUSHREPLY']._serialized_end=1321
-  _globals['_HEARTBEATREQUEST']._serialized_start=1323
-  _globals['_HEARTBEATREQUEST']._serialized_end=1375
-  _globals['_HEARTBEATREPLY']._serialized_start=1377
-  _globals['_HEARTBEATREPLY']._serialized_end=1414
-  _globals['_FLEET']._serialized_start=1521
-  _globals['_FLEET']._serialized_end=1803
+  _globals['_ENROLLREPLY']._serialized_end=414
+  _globals['_PULLTASKREQUEST']._serialized_start=416
+  _globals['_PULLTASKREQUEST']._serialized_end=495
+  _globals['_TASKHEADER']._serialized_start=498
+  _globals['_TASKHEADER']._serialized_end=745
+  _globals['_NOTASK']._serialized_start=747
+  _globals['_NOTASK']._serialized_end=779
+  _globals['_TASKMESSAGE']._serialized_start=782
+  _globals['_TASKMESSAGE']._serialized_end=920
+  _globals['_RESULTHEADER']._serialized_start=923
+  _globals['_RESULTHEADER']._serialized_end=1242
+  _globals['_RESULTHEADER_METRICSENTRY']._serialized_start=1196
+  _globals['_RESULTHEADER_METRICSENTRY']._serialized_end=1242
+  _globals['_DATAPROFILE']._serialized_start=1244
+  _globals['_DATAPROFILE']._serialized_end=1339
+  _globals['_RESULTMESSAGE']._serialized_start=1341
+  _globals['_RESULTMESSAGE']._serialized_end=1446
+  _globals['_PUSHREPLY']._serialized_start=1448
+  _globals['_PUSHREPLY']._serialized_end=1493
+  _globals['_HEARTBEATREQUEST']._serialized_start=1495
+  _globals['_HEARTBEATREQUEST']._serialized_end=1547
+  _globals['_HEARTBEATREPLY']._serialized_start=1549
+  _globals['_HEARTBEATREPLY']._serialized_end=1586
+  _globals['_RECEIPTREQUEST']._serialized_start=1588
+  _globals['_RECEIPTREQUEST']._serialized_end=1652
+  _globals['_PROOFSTEP']._serialized_start=1654
+  _globals['_PROOFSTEP']._serialized_end=1720
+  _globals['_RECEIPTREPLY']._serialized_start=1723
+  _globals['_RECEIPTREPLY']._serialized_end=1930
+  _globals['_FLEET']._serialized_start=2261
+  _globals['_FLEET']._serialized_end=2613
 # @@protoc_insertion_point(module_scope)

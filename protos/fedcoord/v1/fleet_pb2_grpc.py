@@ -55,6 +55,11 @@ class FleetStub:
                 request_serializer=protos_dot_fedcoord_dot_v1_dot_fleet__pb2.HeartbeatRequest.SerializeToString,
                 response_deserializer=protos_dot_fedcoord_dot_v1_dot_fleet__pb2.HeartbeatReply.FromString,
                 _registered_method=True)
+        self.GetReceipt = channel.unary_unary(
+                '/fedcoord.v1.Fleet/GetReceipt',
+                request_serializer=protos_dot_fedcoord_dot_v1_dot_fleet__pb2.ReceiptRequest.SerializeToString,
+                response_deserializer=protos_dot_fedcoord_dot_v1_dot_fleet__pb2.ReceiptReply.FromString,
+                _registered_method=True)
 
 
 class FleetServicer:
@@ -88,6 +93,13 @@ class FleetServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def GetReceipt(self, request, context):
+        """The site's signed inclusion (or exclusion) receipt for one committed round.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_FleetServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -110,6 +122,11 @@ def add_FleetServicer_to_server(servicer, server):
                     servicer.Heartbeat,
                     request_deserializer=protos_dot_fedcoord_dot_v1_dot_fleet__pb2.HeartbeatRequest.FromString,
                     response_serializer=protos_dot_fedcoord_dot_v1_dot_fleet__pb2.HeartbeatReply.SerializeToString,
+            ),
+            'GetReceipt': grpc.unary_unary_rpc_method_handler(
+                    servicer.GetReceipt,
+                    request_deserializer=protos_dot_fedcoord_dot_v1_dot_fleet__pb2.ReceiptRequest.FromString,
+                    response_serializer=protos_dot_fedcoord_dot_v1_dot_fleet__pb2.ReceiptReply.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -221,6 +238,33 @@ class Fleet:
             '/fedcoord.v1.Fleet/Heartbeat',
             protos_dot_fedcoord_dot_v1_dot_fleet__pb2.HeartbeatRequest.SerializeToString,
             protos_dot_fedcoord_dot_v1_dot_fleet__pb2.HeartbeatReply.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def GetReceipt(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/fedcoord.v1.Fleet/GetReceipt',
+            protos_dot_fedcoord_dot_v1_dot_fleet__pb2.ReceiptRequest.SerializeToString,
+            protos_dot_fedcoord_dot_v1_dot_fleet__pb2.ReceiptReply.FromString,
             options,
             channel_credentials,
             insecure,

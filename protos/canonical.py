@@ -1,4 +1,5 @@
-"""Canonical JSON: the one byte form that is hashed and signed."""
+"""Canonical JSON: the one byte form that is hashed and signed (by the coordinator,
+re-checked by sites and auditors)."""
 
 from __future__ import annotations
 
