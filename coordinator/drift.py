@@ -34,7 +34,6 @@ import numpy as np
 from coordinator.experiment import Drift, Experiment
 from coordinator.ledger import Entry
 from coordinator.model_store import ModelStore
-from protos.codec import encode
 from strategies.drift import (
     EVAL_PREFIX,
     PROFILE_BINS,
@@ -487,9 +486,7 @@ class DriftMonitor:
         arrays = {"labels": profile.labels, "num_examples": np.array([profile.num_examples])}
         if profile.features is not None:
             arrays["features"] = profile.features
-        digest = encode(arrays).digest
-        self.store.put(arrays, digest)
-        return digest
+        return self.store.add(arrays)
 
     def _reference(self, site: str) -> DataProfile | None:
         """The mean of the site's first ``reference_rounds`` profiles, once it has them."""

@@ -698,11 +698,7 @@ class RoundEngine:
 
     def _store(self, arrays: dict[str, np.ndarray]) -> str | None:
         """Store arrays content-addressed (e.g. strategy state); their digest, or None."""
-        if not arrays:
-            return None
-        digest = encode(arrays).digest
-        self.db.models.put(arrays, digest)
-        return digest
+        return self.db.models.add(arrays) if arrays else None
 
     def _wait_round(self, run: ActiveRun, collector: Collector, deadline: float) -> None:
         """Wait for results; count sampled sites silent for too long as dropped."""

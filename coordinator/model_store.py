@@ -52,6 +52,12 @@ class ModelStore:
             os.close(dir_fd)
         return path
 
+    def add(self, arrays: Mapping[str, np.ndarray]) -> str:
+        """Store ``arrays`` under their payload digest, which is returned."""
+        digest = digest_arrays(arrays)
+        self.put(arrays, digest)
+        return digest
+
     def get(self, digest: str) -> dict[str, np.ndarray]:
         return load_file(str(self.path(digest)))
 

@@ -33,6 +33,18 @@ def start_site_threads(address: str, clients: Mapping[str, Client], stop: thread
         ).start()
 
 
+def run(coordinator: Any, sites: Mapping[str, Client], text: str) -> Any:
+    """Submit experiment ``text`` to an in-process coordinator and execute it with
+    ``sites`` running on their own threads; the finished run's row."""
+    stop = threading.Event()
+    start_site_threads(coordinator.address, sites, stop)
+    try:
+        row = coordinator.engine.submit(text)
+        return coordinator.engine.execute(row.run_id)
+    finally:
+        stop.set()
+
+
 def ledger_payloads(coordinator: Any, kind: str) -> list[dict]:
     """The payloads of ``coordinator``'s ledger entries of ``kind``, in order."""
     return [e.payload for e in coordinator.db.ledger_entries() if e.kind == kind]

@@ -6,16 +6,14 @@ pooled histogram is noised and its release is in the epsilon the ledger records.
 from __future__ import annotations
 
 import json
-import threading
 
 import numpy as np
 import pytest
 
 from client_sdk.api import Config
-from coordinator.server import Coordinator
 from strategies.drift import DataProfile, profile_of, profile_settings
 from strategies.privacy.accountant import epsilon_of
-from tests.integration.clients import ShiftSite, ledger_payloads, start_site_threads
+from tests.integration.clients import ShiftSite, ledger_payloads, run
 
 pytestmark = pytest.mark.integration
 
@@ -36,16 +34,6 @@ class DriftingSite(ShiftSite):
         if self.from_round and int(config["round"]) >= self.from_round:
             x, y = x + 0.5, np.full(n, 3)
         return profile_of(x, y, *profile_settings(config))
-
-
-def run(coordinator: Coordinator, sites: dict[str, ShiftSite], text: str):
-    stop = threading.Event()
-    start_site_threads(coordinator.address, sites, stop)
-    try:
-        row = coordinator.engine.submit(text)
-        return coordinator.engine.execute(row.run_id)
-    finally:
-        stop.set()
 
 
 def test_a_drifting_site_raises_a_pooled_alert_under_secure_aggregation(coordinator):

@@ -6,17 +6,15 @@ coordinator stores or logs holds a site's update."""
 from __future__ import annotations
 
 import logging
-import threading
 from pathlib import Path
 
 import numpy as np
 import pytest
 
-from coordinator.server import Coordinator
 from coordinator.tasks import load_task
 from strategies.secagg import QuantizationConfig, error_bound
 from strategies.secagg.quantize import max_levels
-from tests.integration.clients import ShiftSite, ledger_payloads, start_site_threads
+from tests.integration.clients import ShiftSite, ledger_payloads, run
 
 pytestmark = pytest.mark.integration
 
@@ -34,16 +32,6 @@ privacy: {secure_aggregation: {enabled: true, stage_timeout_s: 10}}
 
 def experiment(sites: int, rounds: int = 1) -> str:
     return EXPERIMENT.replace("SITES", str(sites)).replace("ROUNDS", str(rounds))
-
-
-def run(coordinator: Coordinator, sites: dict[str, ShiftSite], text: str):
-    stop = threading.Event()
-    start_site_threads(coordinator.address, sites, stop)
-    try:
-        row = coordinator.engine.submit(text)
-        return coordinator.engine.execute(row.run_id)
-    finally:
-        stop.set()
 
 
 def expected_mean(
