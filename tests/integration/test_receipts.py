@@ -109,7 +109,9 @@ def test_sites_hold_verified_receipts_that_the_auditor_accepts(
             if e.kind == "round_committed"}  # fmt: skip
     for site in sites:
         mine = records(out, site)
-        assert [r["round"] for r in mine] == [
+        # one receipt per round it took part in; a pending receipt may be verified
+        # after a later round's, so the file is in verification order, not round order
+        assert sorted(r["round"] for r in mine) == [
             r["round"] for r in rounds if site in r["update_digests"]
         ]
         for record in mine:
