@@ -55,6 +55,10 @@ CHANNEL_OPTIONS = [
     ("grpc.keepalive_timeout_ms", 10_000),
 ]
 MAX_MODEL_BYTES = 1 << 40
+MAX_CACHED_MODEL_BYTES = 512 << 20
+"""A received model larger than this is let go once a fit has used it (before the
+upload), not kept for a later task with the same model: a site then holds one model
+(its module) plus its update while uploading, not two."""
 TRANSFER_TIMEOUT_S = 3600.0
 
 
@@ -197,6 +201,7 @@ class SiteSession:
             return
         finally:
             done.set()
+        self._release_large_model(task)
         reply = self._push(h.task_id, header, payload.chunks() if payload is not None else None)
         if reply.accepted and header.HasField("update"):  # owed a receipt once it commits
             self.receipt_book.expect(h.run_id, h.round, header.update.digest)
@@ -208,6 +213,17 @@ class SiteSession:
             time.time() - t0,
             "accepted" if reply.accepted else f"not accepted ({reply.reason})",
         )
+
+    def _release_large_model(self, task: Task) -> None:
+        """After a plain fit, drop a received model above :data:`MAX_CACHED_MODEL_BYTES`
+        (the next round brings a new one anyway)."""
+        h = task.header
+        if h.kind != fleet_pb2.TASK_KIND_FIT or h.HasField("secagg"):
+            return
+        if sum(a.nbytes for a in task.arrays.values()) > MAX_CACHED_MODEL_BYTES:
+            if self._cached is not None and self._cached[1] is task.arrays:
+                self._cached = None
+            task.arrays = {}
 
     def _answer(self, task: Task) -> tuple[fleet_pb2.ResultHeader, EncodedPayload | None, str]:
         """The result header of a task, its payload and a few words for the log."""
@@ -341,6 +357,7 @@ def run_site(
     coordinator_public_key: bytes | None = None,
     receipts_path: str | Path | None = None,
     key_path: str | Path | None = None,
+    channel: grpc.Channel | None = None,
 ) -> None:
     """Serve as a data site until ``stop`` is set or Ctrl-C.
 
@@ -372,6 +389,10 @@ def run_site(
         The site's Ed25519 key file (PEM, mode 0600), created on first use. The key is
         registered at enrollment and signs every request; None: a key kept in memory
         for this process only (a restarted site then needs a new token to enroll).
+    channel
+        An open channel to ``coordinator`` to use instead of dialing one (e.g. one
+        shared by many simulated sites); the TLS arguments are then unused and the
+        channel is left open at the end.
 
     Raises
     ------
@@ -382,7 +403,8 @@ def run_site(
     """
     stop = stop or threading.Event()
     identity = SiteIdentity.load_or_create(key_path) if key_path else SiteIdentity.generate()
-    channel = make_channel(
+    own_channel = channel is None
+    channel = channel or make_channel(
         coordinator,
         insecure=insecure,
         root_certificates=root_certificates,
@@ -442,4 +464,5 @@ def run_site(
     except KeyboardInterrupt:
         log.info("site %s: stopped", site_id)
     finally:
-        channel.close()
+        if own_channel:
+            channel.close()

@@ -33,6 +33,7 @@ Local DP-SGD (Opacus) is driven by the round config's ``local_dp_*`` keys; see
 from __future__ import annotations
 
 import os
+import warnings
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -69,12 +70,18 @@ def _step(optimizer: torch.optim.Optimizer, corrections: list[GradientCorrection
     optimizer.step()
 
 
-def arrays_from_module(module: nn.Module) -> dict[str, np.ndarray]:
-    """The module's ``state_dict`` as contiguous CPU numpy copies, dtypes preserved."""
+def arrays_from_module(module: nn.Module, copy: bool = True) -> dict[str, np.ndarray]:
+    """The module's ``state_dict`` as contiguous CPU numpy copies, dtypes preserved.
+
+    ``copy=False`` returns arrays sharing the memory of contiguous CPU tensors (for a
+    module that is discarded or no longer changed: no second model in memory).
+    """
     arrays: dict[str, np.ndarray] = {}
     for name, tensor in module.state_dict().items():
         try:
-            arrays[name] = tensor.detach().cpu().numpy().copy(order="C")
+            array = tensor.detach().cpu().numpy()
+            shared = not copy and array.flags.c_contiguous
+            arrays[name] = array if shared else array.copy(order="C")
         except TypeError as exc:  # e.g. bfloat16 has no numpy dtype
             raise ClientError(f"tensor {name!r} cannot become a numpy array: {exc}") from None
     return arrays
@@ -92,12 +99,19 @@ def load_arrays(module: nn.Module, arrays: Mapping[str, np.ndarray]) -> None:
         Naming the first missing, unexpected or mismatched tensor.
     """
     state = module.state_dict()
+    check_arrays(module, arrays)
+    with torch.no_grad():
+        for name, target in state.items():
+            target.copy_(source_tensor(arrays[name]))
+
+
+def check_arrays(module: nn.Module, arrays: Mapping[str, np.ndarray]) -> None:
+    """Raise :class:`ClientError` unless ``arrays`` has exactly the names, shapes and
+    dtypes of the module's ``state_dict`` (the module may live on the ``meta`` device)."""
+    state = module.state_dict()
     _check_names(state.keys(), arrays.keys())
     for name, target in state.items():
         _check_array(name, target, arrays[name])
-    with torch.no_grad():
-        for name, target in state.items():
-            target.copy_(_as_tensor(arrays[name]))
 
 
 def load_model_file(
@@ -152,6 +166,16 @@ def _numpy_dtype(name: str, dtype: torch.dtype) -> np.dtype:
         return torch.empty(0, dtype=dtype).numpy().dtype
     except TypeError:
         raise ClientError(f"tensor {name!r} has dtype {dtype} with no numpy equivalent") from None
+
+
+def source_tensor(array: np.ndarray) -> torch.Tensor:
+    """A CPU tensor over ``array`` that is only read (a copy source): shares its memory
+    even when it is read-only, so loading a received model costs no temporary copy."""
+    if not (array.dtype.isnative and array.flags.c_contiguous):
+        return _as_tensor(array)
+    with warnings.catch_warnings():  # torch warns that a read-only array is shared
+        warnings.simplefilter("ignore", UserWarning)
+        return torch.from_numpy(array)
 
 
 def _as_tensor(array: np.ndarray) -> torch.Tensor:
@@ -405,6 +429,7 @@ class TorchClient(Client):
                 batches = dp.batches()
             stats, n = self._train_epoch(optimizer, batches, corrections, step)
             steps += n
+        optimizer.zero_grad(set_to_none=True)  # the gradients go before the result's copy
         result = arrays_from_module(self.model)
         if control:
             step_size = settings.lr / (1.0 - settings.momentum)  # heavy-ball effective step

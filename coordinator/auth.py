@@ -21,6 +21,7 @@ from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 from google.protobuf.message import Message
 
+from coordinator.logs import LogThrottle
 from coordinator.state import Database, SiteRow
 from protos.signing import PUBLIC_KEY_BYTES, RequestSignature, message_digest, signed_bytes
 
@@ -46,9 +47,16 @@ class AuthError(Exception):
         super().__init__(f"{reason}: {detail}")
 
 
+_throttle = LogThrottle()
+
+
 def refuse(context: grpc.ServicerContext, method: str, site_id: str, error: AuthError) -> NoReturn:
-    """Log the refusal and end the call with its status."""
-    log.warning("refused %s for site %r from %s: %s", method, site_id[:64], context.peer(), error)
+    """Log the refusal (at most once per method, site and reason every 10 s: a flood must
+    not flood the log) and end the call with its status."""
+    if _throttle.allow((method, site_id[:64], error.reason)):
+        log.warning(
+            "refused %s for site %r from %s: %s", method, site_id[:64], context.peer(), error
+        )
     context.abort(error.code, str(error))
     raise error  # abort raises already; this keeps the type honest
 

@@ -172,7 +172,7 @@ def cmd_ledger_show(args: argparse.Namespace) -> int:
     for e in open_data_dir(args.dir).ledger_entries():
         brief = {
             k: e.payload[k]
-            for k in ("run_id", "round", "output_model", "status", "site_id")
+            for k in ("run_id", "round", "output_model", "model", "check", "status", "site_id")
             if k in e.payload
         }
         print(f"{e.seq:>6}  {e.kind:<16} {json.dumps(brief)}  {e.hash[:16]}")

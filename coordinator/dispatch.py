@@ -9,11 +9,12 @@ takes the replies of one secure-aggregation stage. Nothing here touches disk.
 
 from __future__ import annotations
 
+import copy
 import threading
 import time
 from collections import OrderedDict
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import numpy as np
@@ -152,6 +153,10 @@ class Collector:
     def accepted(self) -> dict[str, SiteOutcome]:
         return {s: o for s, o in self.outcomes.items() if o.status == "accepted"}
 
+    def for_late_results(self) -> Collector:
+        """What a closed assignment keeps to answer late results (itself by default)."""
+        return self
+
     def rejections(self) -> dict[str, str]:
         """Reasons of the sites whose result was refused."""
         return {s: o.reason for s, o in self.outcomes.items() if o.status == "rejected"}
@@ -187,6 +192,14 @@ class RoundCollector(Collector):
 
     def payload_spec(self) -> ModelSpec:
         return self.spec
+
+    def for_late_results(self) -> RoundCollector:
+        """A copy without the aggregate, the reference and the sketcher: a remembered
+        closed assignment must not keep a model's worth of memory alive."""
+        late = copy.copy(self)
+        late.aggregator = _Released()
+        late.reference, late.sketcher = {}, None
+        return late
 
     def _take(self, header: fleet_pb2.ResultHeader, arrays: Arrays | None) -> SiteOutcome:
         assert arrays is not None
@@ -237,6 +250,15 @@ class RoundCollector(Collector):
             dropped=[{"site": s, "reason": o.reason} for s, o in items if o.status == "failed"]
             + [{"site": s, "reason": "deadline"} for s in missing],
         )
+
+
+class _Released:
+    """Stands for the aggregate of a closed round (it takes no more updates)."""
+
+    count = 0
+
+    def add(self, arrays: Arrays, weight: float) -> None:
+        raise RuntimeError("the round is closed")
 
 
 StageHandler = Callable[[str, fleet_pb2.ResultHeader, Arrays | None], Any]
@@ -368,14 +390,18 @@ class Dispatcher:
     def withdraw(self, assignments: list[Assignment]) -> None:
         """Close the assignments; those still without an accepted result are remembered
         (the last :data:`MAX_WITHDRAWN`), so a result arriving late is known as late."""
+        late_views: dict[int, Collector] = {}
         with self._cond:
             for a in assignments:
                 self._by_task.pop(a.task_id, None)
                 if self._by_site.get(a.site_id) is a:
                     del self._by_site[a.site_id]
                 outcome = a.collector.outcomes.get(a.site_id)
-                if outcome is None or outcome.status != "accepted":
-                    self._withdrawn[a.task_id] = a
+                if outcome is None or outcome.status != "accepted":  # without the model
+                    late = late_views.get(id(a.collector))
+                    if late is None:
+                        late = late_views[id(a.collector)] = a.collector.for_late_results()
+                    self._withdrawn[a.task_id] = replace(a, model=None, collector=late)
             while len(self._withdrawn) > MAX_WITHDRAWN:
                 self._withdrawn.popitem(last=False)
 

@@ -2,8 +2,8 @@
 
 Every mapping forbids unknown keys and values are not coerced between types (``"3"`` is
 not a number). Any problem becomes one :class:`ConfigError` whose key is the dotted path
-of the offending setting. Settings this version cannot honour (MLflow
-export, drift checks, the Ray backend) are refused, never silently ignored.
+of the offending setting. Settings this version cannot honour are refused,
+never silently ignored.
 """
 
 from __future__ import annotations
@@ -417,18 +417,31 @@ class Mlflow(Spec):
     register_as: Annotated[str, Field(min_length=1)] | None = None
 
 
+RAY_ONLY = ("ray_address", "cpus_per_site", "gpus_per_site")
+"""Settings of ``simulation`` that only the ray backend reads."""
+
+
 class Simulation(Spec):
-    """How ``fedcoord simulate`` runs the sites."""
+    """How ``fedcoord simulate`` runs the sites: ``workers`` processes (local) or Ray
+    actors (ray), each hosting every ``workers``-th site and training one at a time."""
 
-    backend: Literal["local"] = "local"
+    backend: Literal["local", "ray"] = "local"
     workers: Annotated[int, Field(ge=1, le=256)] = 2
+    ray_address: Annotated[str, Field(min_length=1, max_length=512)] | None = None
+    """None: start a local Ray instance; else the address of a running cluster."""
+    cpus_per_site: Annotated[float, Field(gt=0, le=1024)] = 1.0
+    gpus_per_site: Annotated[float, Field(ge=0, le=64)] = 0.0
+    client_cache: Annotated[int, Field(ge=1, le=100_000)] = 64
+    """Built site clients (data + model) a worker keeps; older ones are rebuilt on use."""
 
-    @field_validator("backend", mode="before")
-    @classmethod
-    def _no_ray(cls, value: Any) -> Any:
-        if value == "ray":
-            raise ValueError(f"the ray backend is {NOT_AVAILABLE}; use 'local'")
-        return value
+    @model_validator(mode="after")
+    def _ray_settings_need_ray(self) -> Simulation:
+        if self.backend != "ray":
+            for key in RAY_ONLY:  # a default, as canonical JSON writes it, is no setting
+                default = type(self).model_fields[key].default
+                if key in self.model_fields_set and getattr(self, key) != default:
+                    raise KeyedError(key, "only the ray backend reads it (simulation.backend: ray)")
+        return self
 
 
 class Experiment(Spec):

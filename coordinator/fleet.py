@@ -7,9 +7,11 @@ pushes results for tasks assigned to it and reads its own receipts.
 
 from __future__ import annotations
 
+import contextlib
 import logging
+import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import grpc
@@ -46,6 +48,52 @@ METHODS = {name: fleet_method(name) for name in ("Enroll", "PullTask", "PushResu
                                                   "Heartbeat", "GetReceipt")}  # fmt: skip
 
 
+UPLOAD_MEMORY_BYTES = 1 << 30
+"""Default bound on the bytes of updates being assembled at once (see :class:`UploadBudget`)."""
+TOUCH_EVERY_S = 2.0
+"""How often a long upload, or one waiting for memory, counts as contact with its site."""
+
+
+class UploadBudget:
+    """Bounds the memory of the uploads being assembled at once, whatever the number of
+    sites: an upload takes its payload's size before its first chunk is read and gives
+    it back once its update is folded in; one that does not fit waits. An upload larger
+    than the whole budget runs alone, so coordinator memory for uploads is at most
+    ``max(limit, largest payload)``.
+    """
+
+    def __init__(self, limit: int = UPLOAD_MEMORY_BYTES):
+        self.limit = limit
+        self.in_use = 0
+        self._cond = threading.Condition()
+
+    @contextlib.contextmanager
+    def hold(self, nbytes: int, keep_waiting: Callable[[], bool]) -> Iterator[bool]:
+        """Hold ``nbytes`` for the duration of the block; yields ``False`` (holding
+        nothing) when ``keep_waiting()`` turned false before they fitted."""
+        if nbytes <= 0:  # a result without a payload never waits
+            yield True
+            return
+        if not self._acquire(nbytes, keep_waiting):
+            yield False
+            return
+        try:
+            yield True
+        finally:
+            with self._cond:
+                self.in_use -= nbytes
+                self._cond.notify_all()
+
+    def _acquire(self, nbytes: int, keep_waiting: Callable[[], bool]) -> bool:
+        with self._cond:
+            while self.in_use and self.in_use + nbytes > self.limit:
+                if not keep_waiting():
+                    return False
+                self._cond.wait(1.0)
+            self.in_use += nbytes
+            return True
+
+
 def properties_problem(properties: dict[str, str]) -> str | None:
     """What is wrong with a site's declared properties, if anything."""
     if len(properties) > MAX_PROPERTIES:
@@ -66,6 +114,8 @@ class FleetServicer(fleet_pb2_grpc.FleetServicer):
     verifier
         Checks every call's signature (default: one over ``db`` that passes revocations
         on to ``dispatcher``).
+    uploads
+        Bounds the memory of updates assembled at once (default :data:`UPLOAD_MEMORY_BYTES`).
     """
 
     def __init__(
@@ -75,10 +125,12 @@ class FleetServicer(fleet_pb2_grpc.FleetServicer):
         *,
         open_enrollment: bool,
         verifier: RequestVerifier | None = None,
+        uploads: UploadBudget | None = None,
     ):
         self.db = db
         self.dispatcher = dispatcher
         self.open_enrollment = open_enrollment
+        self.uploads = uploads or UploadBudget()
         self.verifier = verifier or RequestVerifier(db, on_revoked=dispatcher.revoke)
         self._public_key = public_key_bytes(db)
 
@@ -162,8 +214,10 @@ class FleetServicer(fleet_pb2_grpc.FleetServicer):
             header.model.CopyFrom(model.header())
         yield fleet_pb2.TaskMessage(header=header)
         if send_model:
+            touch = self._toucher(request.site_id)  # a long download is contact too
             for data in model.chunks():
                 yield fleet_pb2.TaskMessage(chunk=common_pb2.Chunk(data=data))
+                touch()
 
     def _wait_for_task(
         self, site_id: str, wait: float, context: grpc.ServicerContext
@@ -197,24 +251,73 @@ class FleetServicer(fleet_pb2_grpc.FleetServicer):
         self._authenticate("PushResult", first, header.site_id, context)
         assignment = self.dispatcher.lookup(header.task_id, header.site_id)
         if assignment is None:
-            return self._late(header, request_iterator)
+            return self._late(header, request_iterator, context)
         collector = assignment.collector
+        touch = self._toucher(header.site_id)
         if header.error:
             collector.fail(header.site_id, f"site_error: {header.error[:200]}")
             return fleet_pb2.PushReply(accepted=False, reason="site reported an error")
         try:
-            arrays = self._receive_payload(header, collector, request_iterator)
+            with self._upload_memory(header, collector, request_iterator, context) as held:
+                if not held:  # the round closed while the upload waited for memory
+                    return self._late(header, request_iterator, context)
+                arrays = self._receive_payload(header, collector, request_iterator, touch)
+                outcome = collector.receive(header, arrays)
+                del arrays  # folded in: the memory goes back to the budget with the block
         except InvalidUpdate as exc:
             return self._reject(collector, header.site_id, str(exc))
         except PayloadError as exc:
             return self._reject(collector, header.site_id, f"bad_payload: {exc}")
-        outcome = collector.receive(header, arrays)
         if outcome.status != "accepted":
             log.warning("site %s: result rejected: %s", header.site_id, outcome.reason)
         return fleet_pb2.PushReply(accepted=outcome.status == "accepted", reason=outcome.reason)
 
+    def _toucher(self, site_id: str) -> Callable[[], None]:
+        """Counts as contact with the site, at most every :data:`TOUCH_EVERY_S` seconds
+        (a long upload must not look like a lost site)."""
+        last = time.monotonic()
+
+        def touch() -> None:
+            nonlocal last
+            now = time.monotonic()
+            if now - last >= TOUCH_EVERY_S:
+                last = now
+                self.dispatcher.touch(site_id)
+
+        return touch
+
+    @contextlib.contextmanager
+    def _upload_memory(
+        self,
+        header: fleet_pb2.ResultHeader,
+        collector: Collector,
+        request_iterator: Iterator[fleet_pb2.ResultMessage],
+        context: grpc.ServicerContext,
+    ) -> Iterator[bool]:
+        """Hold the upload's size in :attr:`uploads`, waiting (the site kept live) while
+        the call is active and, unless already closed, the collector is open; yields
+        whether it is held. The wait does not count against the stream's minimum rate."""
+        nbytes = 0
+        if header.HasField("update"):
+            nbytes = min(max(int(header.update.total_bytes), 0), collector.payload_limit())
+        was_closed = collector.closed
+
+        def keep_waiting() -> bool:
+            self.dispatcher.touch(header.site_id)
+            return context.is_active() and (was_closed or not collector.closed)
+
+        t0 = time.monotonic()
+        with self.uploads.hold(nbytes, keep_waiting) as held:
+            idle = getattr(request_iterator, "idle", None)
+            if idle is not None:
+                idle(time.monotonic() - t0)
+            yield held
+
     def _late(
-        self, header: fleet_pb2.ResultHeader, request_iterator: Iterator[fleet_pb2.ResultMessage]
+        self,
+        header: fleet_pb2.ResultHeader,
+        request_iterator: Iterator[fleet_pb2.ResultMessage],
+        context: grpc.ServicerContext,
     ) -> fleet_pb2.PushReply:
         """A result for a fit task whose round has closed: recorded (for the run's next
         ledger entry), never aggregated; under ``late_results: record`` its payload is
@@ -230,7 +333,10 @@ class FleetServicer(fleet_pb2_grpc.FleetServicer):
         }  # fmt: skip
         if collector.late_results == "record":
             try:
-                self._receive_payload(header, collector, request_iterator)
+                with self._upload_memory(header, collector, request_iterator, context) as held:
+                    if not held:
+                        return fleet_pb2.PushReply(accepted=False, reason="task_not_active")
+                    self._receive_payload(header, collector, request_iterator)
                 record.update(digest=header.update.digest, num_examples=int(header.num_examples))
             except (InvalidUpdate, PayloadError) as exc:
                 record["invalid"] = str(exc)[:200]
@@ -243,6 +349,7 @@ class FleetServicer(fleet_pb2_grpc.FleetServicer):
         header: fleet_pb2.ResultHeader,
         collector: Collector,
         request_iterator: Iterator[fleet_pb2.ResultMessage],
+        touch: Callable[[], None] | None = None,
     ) -> dict[str, np.ndarray] | None:
         """The result's payload, checked against what the collector expects before any
         chunk is read (``None`` for results that carry none)."""
@@ -260,6 +367,8 @@ class FleetServicer(fleet_pb2_grpc.FleetServicer):
                 raise PayloadError("unexpected message after the result header")
             assembler.add(message.chunk.data)
             crash_point("upload")
+            if touch is not None:
+                touch()
         return assembler.finish()
 
     @staticmethod

@@ -30,7 +30,7 @@ from typing import Any, Protocol
 
 import grpc
 
-from coordinator.logs import log_context
+from coordinator.logs import LogThrottle, log_context
 from protos.signing import SITE_HEADER, SITE_ID
 
 log = logging.getLogger("fedcoord.limits")
@@ -361,6 +361,12 @@ class GuardedRequests(Iterator[Any]):
         self._observer = observer
         self._pending: list[Any] = []
         self._ended = False
+        self._idle_s = 0.0
+
+    def idle(self, seconds: float) -> None:
+        """Leave ``seconds`` the servicer spent not reading (e.g. waiting for memory) out
+        of the average rate."""
+        self._idle_s += max(0.0, seconds)
 
     def peek(self) -> Any:
         """The first message (``None`` for an empty stream), kept for the servicer."""
@@ -375,7 +381,7 @@ class GuardedRequests(Iterator[Any]):
         """Whether the stream so far averages under the minimum rate (after the grace of
         one stall timeout)."""
         limits, call = self._limits, self._call
-        late = now - call.started - limits.stall_timeout_s
+        late = now - call.started - self._idle_s - limits.stall_timeout_s
         return (
             limits.min_bytes_per_s > 0
             and late > 0
@@ -436,8 +442,7 @@ class LimitsInterceptor(grpc.ServerInterceptor):
         self.rates = RateLimiter(self.limits.rate_per_s, self.limits.bucket_size)
         self.streams = StreamCounter(self.limits.max_streams_per_site)
         self._watchdog = _Watchdog(self.limits.stall_timeout_s, self._expire)
-        self._logged: dict[tuple[str, str], float] = {}
-        self._log_lock = threading.Lock()
+        self._log_throttle = LogThrottle(LOG_EVERY_S, MAX_TRACKED_BUCKETS)
 
     # refusals -----------------------------------------------------------------------
     def _refuse(
@@ -451,14 +456,8 @@ class LimitsInterceptor(grpc.ServerInterceptor):
     def _log_once(self, reason: str, message: str) -> None:
         """Log a refusal, at most once per reason and message every
         :data:`LOG_EVERY_S` seconds (a flood must not flood the log too)."""
-        now = time.monotonic()
-        with self._log_lock:
-            if len(self._logged) > MAX_TRACKED_BUCKETS:
-                self._logged.clear()
-            if now - self._logged.get((reason, message), -LOG_EVERY_S) < LOG_EVERY_S:
-                return
-            self._logged[(reason, message)] = now
-        log.warning("refused (%s): %s", reason, message)
+        if self._log_throttle.allow((reason, message)):
+            log.warning("refused (%s): %s", reason, message)
 
     def _cut(self, call: _Call, reason: str, message: str) -> None:
         self._refuse(call.context, reason, grpc.StatusCode.DEADLINE_EXCEEDED, message)

@@ -10,7 +10,9 @@ from __future__ import annotations
 import json
 import logging
 import sys
-from collections.abc import Iterator, Mapping
+import threading
+import time
+from collections.abc import Hashable, Iterator, Mapping
 from contextlib import contextmanager
 from contextvars import ContextVar
 from datetime import UTC, datetime
@@ -105,3 +107,24 @@ def configure(level: int = logging.INFO, fmt: str = "text") -> None:
     """Log to stderr in ``fmt`` (does nothing when the root logger already has handlers,
     like :func:`logging.basicConfig`)."""
     logging.basicConfig(level=level, handlers=[make_handler(fmt)])
+
+
+class LogThrottle:
+    """Says whether a message with a given key may be logged: at most once per key every
+    ``every_s`` seconds, so a flood of refusals does not flood the log too."""
+
+    def __init__(self, every_s: float = 10.0, max_keys: int = 10_000):
+        self.every_s = every_s
+        self.max_keys = max_keys
+        self._last: dict[Hashable, float] = {}
+        self._lock = threading.Lock()
+
+    def allow(self, key: Hashable) -> bool:
+        now = time.monotonic()
+        with self._lock:
+            if len(self._last) > self.max_keys:
+                self._last.clear()
+            if now - self._last.get(key, -self.every_s) < self.every_s:
+                return False
+            self._last[key] = now
+            return True

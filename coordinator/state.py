@@ -311,7 +311,7 @@ class Database:
             count = ledger.verify_chain(self._conn, self.signing_key.public_key())
             entries = list(ledger.entries(self._conn))
         for entry in entries:
-            for key in ("input_model", "output_model", "initial_model", "strategy_state"):
+            for key in ("input_model", "output_model", "initial_model", "strategy_state", "model"):
                 digest = entry.payload.get(key)
                 if digest:
                     self.models.verify(digest)

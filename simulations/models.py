@@ -67,14 +67,20 @@ def check_model(name: str, options: Iterable[str] = ()) -> Callable[..., nn.Modu
 
 
 def build_model(
-    name: str, in_features: int, num_classes: int, seed: int | None = 0, **options: Any
+    name: str,
+    in_features: int,
+    num_classes: int,
+    seed: int | None = 0,
+    device: str = "cpu",
+    **options: Any,
 ) -> nn.Module:
     """Build model ``name`` on the CPU with weights drawn from ``seed``.
 
     ``options`` are the model's own keyword arguments (e.g. ``hidden`` for ``mlp``).
     ``seed=None`` skips initialization and leaves the memory as found: only for a model
     whose every tensor is loaded before use (e.g. a site's, which receives the global
-    model each round).
+    model each round). ``device="meta"`` returns the module without storage (its
+    tensors are supplied at call time, see ``torch.func.functional_call``).
 
     Raises
     ------
@@ -84,6 +90,8 @@ def build_model(
     builder = check_model(name, options)
     with torch.device("meta"):
         module = builder(in_features=in_features, num_classes=num_classes, **options)
+    if device == "meta":
+        return module
     module = module.to_empty(device="cpu")
     if seed is not None:
         init_parameters(module, torch.Generator().manual_seed(seed))

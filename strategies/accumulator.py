@@ -1,8 +1,9 @@
 """Streaming weighted mean of model deltas in O(model) memory.
 
 Updates are folded in one at a time and can be freed right after; memory does not grow
-with the number of sites. Floating tensors accumulate into one flat float32 buffer
-(float32 stays float32: weights become Python floats, so NumPy 2 never promotes);
+with the number of sites, and :meth:`WeightedDeltaMean.mean` divides the accumulator in
+place (no second model-sized buffer). Floating tensors accumulate into one flat float32
+buffer (float32 stays float32: weights become Python floats, so NumPy 2 never promotes);
 integer tensors (e.g. BatchNorm counters) accumulate in float64 and are rounded back to
 their own dtype.
 
@@ -114,9 +115,12 @@ class WeightedDeltaMean:
         }
         self.total_weight = 0.0
         self.count = 0
+        self._mean: tuple[float, dict[str, np.ndarray]] | None = None
 
     def add(self, arrays: Arrays, weight: float) -> None:
         """Fold in one (already validated) update with a positive weight."""
+        if self._mean is not None:
+            raise RuntimeError("the mean was taken: no more updates can be added")
         w = float(weight)  # never an np.float64 scalar: it would promote float32 to float64
         w32 = np.float32(w)
         flat: dict[str, np.ndarray] = {}
@@ -147,15 +151,26 @@ class WeightedDeltaMean:
 
         ``denominator`` replaces the total weight (a fixed-denominator mean, as central
         DP needs); with it, no updates give zeros instead of an error.
+
+        The float32 accumulator is divided in place and returned as views (a float32
+        model's mean costs no extra memory); after that :meth:`add` is refused and
+        later calls with the same denominator return the same arrays.
         """
-        inv = 1.0 / mean_denominator(denominator, self.count, self.total_weight)
+        d = mean_denominator(denominator, self.count, self.total_weight)
+        if self._mean is not None:
+            if self._mean[0] != d:
+                raise ValueError(f"the mean was taken with denominator {self._mean[0]}, not {d}")
+            return self._mean[1]
+        inv = 1.0 / d
+        np.multiply(self._acc, np.float32(inv), out=self._acc)
         out: dict[str, np.ndarray] = {}
         for name, sl in self._float_slices.items():
             ref = self.reference[name]
-            out[name] = (self._acc[sl] * inv).astype(ref.dtype, copy=False).reshape(ref.shape)
+            out[name] = self._acc[sl].astype(ref.dtype, copy=False).reshape(ref.shape)
         for name, acc in self._int_acc.items():
             dtype = self.reference[name].dtype
             out[name] = np.rint(acc * inv).astype(dtype)
+        self._mean = (d, out)
         return out
 
 

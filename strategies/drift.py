@@ -151,18 +151,22 @@ class UpdateSketcher:
         self._chunk = chunk
 
     def sketch(self, arrays: Arrays, reference: Arrays) -> tuple[float, np.ndarray]:
-        """``(||delta||, sketch of delta)`` in float64."""
+        """``(||delta||, sketch of delta)`` in float64, one chunk of the delta at a time
+        (no model-sized float64 temporary)."""
         out = np.zeros(self.dim, dtype=np.float64)
         offset = 0
         total = 0.0
         for name in self.names:
-            delta = np.subtract(arrays[name], reference[name], dtype=np.float64).ravel()
-            total += float(np.dot(delta, delta))
-            if self.exact:
-                out[offset : offset + delta.size] = delta
-            else:
-                self._add(out, delta, offset)
-            offset += delta.size
+            a, r = arrays[name].reshape(-1), np.asarray(reference[name]).reshape(-1)
+            for start in range(0, a.size, self._chunk):
+                stop = min(start + self._chunk, a.size)
+                delta = np.subtract(a[start:stop], r[start:stop], dtype=np.float64)
+                total += float(np.dot(delta, delta))
+                if self.exact:
+                    out[offset + start : offset + stop] = delta
+                else:
+                    self._add(out, delta, offset + start)
+            offset += a.size
         return math.sqrt(total), out
 
     def _add(self, out: np.ndarray, delta: np.ndarray, offset: int) -> None:

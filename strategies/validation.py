@@ -52,9 +52,18 @@ def check_structure(arrays: Arrays, spec: ModelSpec) -> None:
     check_specs({k: (a.dtype, a.shape) for k, a in arrays.items()}, spec)
 
 
+CHECK_BLOCK = 1 << 20
+"""Elements checked at once, so that checks of a huge tensor need no tensor-sized temporary."""
+
+
+def _blocks(a: np.ndarray) -> list[np.ndarray]:
+    flat = a.reshape(-1)
+    return [flat[i : i + CHECK_BLOCK] for i in range(0, flat.size, CHECK_BLOCK)]
+
+
 def check_finite(arrays: Arrays) -> None:
     for name, a in arrays.items():
-        if a.dtype.kind == "f" and not np.isfinite(a).all():
+        if a.dtype.kind == "f" and not all(np.isfinite(b).all() for b in _blocks(a)):
             raise InvalidUpdate("non_finite", f"{name} holds NaN or infinite values")
 
 
@@ -84,8 +93,9 @@ def delta_norm(arrays: Arrays, reference: Arrays) -> float:
     total = 0.0
     for name, a in arrays.items():
         if a.dtype.kind == "f":
-            d = np.subtract(a, reference[name], dtype=np.float64)
-            total += float(np.dot(d.ravel(), d.ravel()))
+            for b, r in zip(_blocks(a), _blocks(np.asarray(reference[name])), strict=True):
+                d = np.subtract(b, r, dtype=np.float64)
+                total += float(np.dot(d, d))
     return math.sqrt(total)
 
 

@@ -27,9 +27,10 @@ from torch import nn
 from client_sdk.torch import (
     TorchClient,
     arrays_from_module,
+    check_arrays,
     evaluate_module,
     iterate_batches,
-    load_arrays,
+    source_tensor,
 )
 from coordinator.errors import ConfigError
 from simulations.models import build_model, check_model
@@ -126,28 +127,39 @@ class ClassificationTask(ABC):
         self.seed = seed
         self._x_test = torch.from_numpy(x_test)
         self._y_test = torch.from_numpy(y_test)
-        self._eval_model: nn.Module | None = None
+        self._eval_model: _Bound | None = None
         self._lock = threading.Lock()
 
-    def new_model(self, seed: int | None) -> nn.Module:
-        """A fresh model with weights from ``seed`` (``None``: uninitialized, see models)."""
+    def new_model(self, seed: int | None, device: str = "cpu") -> nn.Module:
+        """A fresh model with weights from ``seed`` (``None``: uninitialized, see models;
+        on ``device="meta"``: without storage)."""
         return build_model(
-            self.model, self.num_features, self.num_classes, seed=seed, **self.model_options
-        )
+            self.model, self.num_features, self.num_classes, seed=seed, device=device,
+            **self.model_options,
+        )  # fmt: skip
 
     def initial_arrays(self) -> dict[str, np.ndarray]:
-        """The initial global model, deterministic for the task's seed."""
-        return arrays_from_module(self.new_model(self.seed))
+        """The initial global model, deterministic for the task's seed (the arrays are
+        the fresh module's own memory: no copy)."""
+        return arrays_from_module(self.new_model(self.seed), copy=False)
 
     def central_evaluate(self, arrays: Mapping[str, np.ndarray]) -> dict[str, float]:
-        """Mean cross-entropy ``loss`` and ``accuracy`` of ``arrays`` on the held-out set."""
+        """Mean cross-entropy ``loss`` and ``accuracy`` of ``arrays`` on the held-out set.
+
+        The model runs over the arrays' own memory (``torch.func.functional_call`` on a
+        module without storage), so evaluating costs no copy of the model.
+        """
         with self._lock:
             if self._eval_model is None:
-                self._eval_model = self.new_model(None)
-            load_arrays(self._eval_model, arrays)
-            batch_size = _eval_batch_size(self._eval_model)
-            batches = iterate_batches(self._x_test, self._y_test, batch_size)
-            stats = evaluate_module(self._eval_model, batches)
+                self._eval_model = _Bound(self.new_model(None, device="meta"))
+            check_arrays(self._eval_model.module, arrays)
+            self._eval_model.tensors = {k: source_tensor(v) for k, v in arrays.items()}
+            try:
+                batch_size = _eval_batch_size(self._eval_model)
+                batches = iterate_batches(self._x_test, self._y_test, batch_size)
+                stats = evaluate_module(self._eval_model, batches)
+            finally:
+                self._eval_model.tensors = {}
         return {"loss": stats.loss, "accuracy": float(stats.accuracy or 0.0)}
 
     def make_client(
@@ -304,6 +316,18 @@ def _check_site(site_index: int, num_sites: int) -> None:
 def _site_seed(seed: int, site_index: int) -> int:
     """A seed for one site's shuffling, distinct per (seed, site_index)."""
     return int(np.random.SeedSequence([seed, site_index]).generate_state(1, np.uint64)[0] >> 1)
+
+
+class _Bound(nn.Module):
+    """Runs ``module`` (storage-less) over the tensors set in :attr:`tensors`."""
+
+    def __init__(self, module: nn.Module) -> None:
+        super().__init__()
+        self.module = module
+        self.tensors: dict[str, torch.Tensor] = {}
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.func.functional_call(self.module, self.tensors, (x,), strict=True)
 
 
 def _eval_batch_size(model: nn.Module) -> int:

@@ -43,7 +43,7 @@ def simulate(tmp_path, text: str, *extra: str) -> subprocess.CompletedProcess[st
         ),
         (BASE + "strategy: {name: krum, f: -1}\n", (), "strategy.f: must be >= 0"),
         (BASE + "strategy: {name: fedadam, beta_3: 0.5}\n", (), "strategy.beta_3: unknown key"),
-        (BASE + "simulation: {backend: ray}\n", (), "simulation.backend"),
+        (BASE + "simulation: {ray_address: auto}\n", (), "simulation.ray_address: only the ray"),
         (BASE.replace("digits", "mnist"), (), "task.name: unknown task 'mnist'"),
         (BASE.replace("{name: digits}", "{name: digits, model: resnet}"), (), "task.model"),
         (BASE + "task_extra: 1\n", (), "task_extra: unknown key"),

@@ -106,3 +106,73 @@ def test_quick_secagg_benchmark_runs_both_modes_and_writes_results(tmp_path: Pat
     assert payload["kernels"]["shamir_100x100_ms"] > 0
     section = common.read_section("secagg", results_md)
     assert section is not None and "| fixed | 10 | 100,000 |" in section
+
+
+def test_quick_round_latency_benchmark_moves_the_model_both_ways(tmp_path: Path) -> None:
+    from benchmarks import round_latency
+
+    results_md = tmp_path / "RESULTS.md"
+    code = round_latency.main(
+        ["--quick", "--rounds", "2", "--out-dir", str(tmp_path), "--results-md", str(results_md)]
+    )
+    assert code == 0
+    payload = json.loads((tmp_path / "round_latency.json").read_text())
+    assert payload["benchmark"] == "round_latency" and payload["quick"] is True
+    assert {"cores", "ram_gib"} <= set(payload["machine"])
+    (cell,) = payload["cells"]
+    assert (cell["sites"], cell["params"], cell["rounds"]) == (4, 10_000, 2)
+    assert cell["bytes_down"] == cell["bytes_up"] == 4 * 10_000 * 4
+    assert cell["round_s"] > 0 and cell["mb_s"] > 0 and cell["collect_s"] <= cell["round_s"]
+    single = payload["single"]
+    assert (single["sites"], single["params"]) == (1, 100_000) and single["collect_mb_s"] > 0
+    section = common.read_section("round_latency", results_md)
+    assert section is not None and "| 4 | 10,000 |" in section and "Single transfer" in section
+
+
+def test_round_latency_skips_cells_over_the_memory_budget() -> None:
+    from benchmarks import round_latency
+
+    budget = 14 * 2**30  # the default --memory-budget-gib
+    assert round_latency.needed_bytes(100, 100_000_000) > 100 * 2**30
+    assert round_latency.needed_bytes(50, 100_000_000) > budget
+    assert round_latency.needed_bytes(10, 100_000_000) <= budget
+    assert round_latency.needed_bytes(100, 10_000_000) <= budget
+    result = {"cells": [], "skipped": [{"sites": 100, "params": 100_000_000, "needed_bytes": 1}]}
+    assert round_latency.table_rows(result)[0][2] == "skipped"
+    assert "100 x 100,000,000" in round_latency.skipped_note(result)
+
+
+def test_quick_fan_in_benchmark_holds_every_poll_and_answers_requests(tmp_path: Path) -> None:
+    from benchmarks import fan_in
+
+    results_md = tmp_path / "RESULTS.md"
+    code = fan_in.main(["--quick", "--out-dir", str(tmp_path), "--results-md", str(results_md)])
+    assert code == 0
+    payload = json.loads((tmp_path / "fan_in.json").read_text())
+    (row,) = payload["rows"]
+    assert row["sites"] == 20 and row["online"] == 20 and row["server_threads"] >= 20
+    for kind in ("heartbeat", "empty_poll"):
+        assert row[kind]["requests"] > 0 and row[kind]["per_s"] > 0
+        assert row[kind]["errors"] == {}
+        assert row[kind]["coordinator_cpu_us_per_request"] > 0
+    assert row["rss_bytes"] > 0 and row["poll_errors"] == 0
+    section = common.read_section("fan_in", results_md)
+    assert section is not None and "| 20 |" in section
+
+
+def test_quick_flower_simulation_benchmark_trains_on_both_sides(tmp_path: Path) -> None:
+    from benchmarks import flower_simulation
+
+    results_md = tmp_path / "RESULTS.md"
+    code = flower_simulation.main(
+        ["--quick", "--out-dir", str(tmp_path), "--results-md", str(results_md)]
+    )
+    assert code == 0
+    payload = json.loads((tmp_path / "flower_simulation.json").read_text())
+    ours = payload["fedcoord"]
+    assert ours["participants"] == [5, 5] and 0.0 < ours["accuracy"] <= 1.0
+    (flower,) = payload["flower"]
+    assert flower["error"] is None and flower["engine"] == "flwr in-process"
+    assert len(flower["round_s"]) == 2 and 0.0 < flower["accuracy"] <= 1.0
+    section = common.read_section("flower_simulation", results_md)
+    assert section is not None and "| fedcoord simulate | 5 x 2 |" in section

@@ -286,16 +286,21 @@ def test_validation_bounds_parse_and_are_checked():
     assert error_of(BASE + "validation: {norm: 1}\n").key == "validation.norm"
 
 
-@pytest.mark.parametrize(
-    "text, key, what",
-    [
-        (BASE + "simulation: {backend: ray}\n", "simulation.backend", "the ray backend"),
-    ],
-)
-def test_features_of_later_versions_are_refused_not_ignored(text, key, what):
-    err = error_of(text)
-    assert err.key == key
-    assert err.message.startswith(what) and "not available in this version" in err.message
+def test_ray_backend_settings_parse_with_defaults():
+    sim = parse_experiment(BASE + "simulation: {backend: ray, gpus_per_site: 0.5}\n").simulation
+    assert (sim.backend, sim.ray_address, sim.cpus_per_site, sim.gpus_per_site) == (
+        "ray",
+        None,
+        1.0,
+        0.5,
+    )
+    assert parse_experiment(BASE).simulation.client_cache == 64
+
+
+@pytest.mark.parametrize("key", ["ray_address: auto", "cpus_per_site: 2", "gpus_per_site: 1"])
+def test_ray_settings_are_refused_under_the_local_backend(key):
+    err = error_of(BASE + f"simulation: {{{key}}}\n")
+    assert err.key == f"simulation.{key.split(':')[0]}" and "ray backend" in err.message
 
 
 POISSON = "federation: {sampling: {method: poisson, fraction: 0.5}}\n"
@@ -419,9 +424,9 @@ def test_later_overrides_win_and_the_text_is_not_changed():
     assert exp.rounds == 6 and parse_experiment(text).rounds == 2
 
 
-def test_overrides_can_turn_on_refused_features_only_to_be_refused():
-    err = error_of(BASE, ("simulation.backend=ray",))
-    assert err.key == "simulation.backend"
+def test_overrides_can_choose_the_ray_backend():
+    exp = parse_experiment(BASE, overrides=["simulation.backend=ray"])
+    assert exp.simulation.backend == "ray"
 
 
 SECAGG = BASE + "privacy: {secure_aggregation: {enabled: true}}\n"
