@@ -37,11 +37,13 @@ Writes ``benchmarks/results/round_latency.json`` and its section of
 from __future__ import annotations
 
 import argparse
+import contextlib
 import io
+import logging
 import statistics
 import tempfile
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -139,8 +141,45 @@ def needed_bytes(sites: int, params: int) -> int:
     return 3 * sites * params * 4 + 4 * params * 4
 
 
+class TransferRecords(logging.Handler):
+    """Collects the coordinator's per-stream transfer records
+    (:func:`coordinator.fleet.log_transfer`): ``(direction, bytes, seconds)``."""
+
+    def __init__(self) -> None:
+        super().__init__(logging.DEBUG)
+        self.items: list[tuple[str, int, float]] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        from coordinator.fleet import TRANSFER_RECORD
+
+        item = getattr(record, TRANSFER_RECORD, None)
+        if item is not None:
+            self.items.append(item)
+
+    def rates(self, direction: str, skip: int) -> list[float]:
+        """MB/s of each stream of ``direction`` after the first ``skip`` (round 1)."""
+        mine = [(n, s) for d, n, s in self.items if d == direction][skip:]
+        return [n / max(s, 1e-9) / 1e6 for n, s in mine]
+
+
+@contextlib.contextmanager
+def transfer_records() -> Iterator[TransferRecords]:
+    logger = logging.getLogger("fedcoord.fleet")
+    handler, level, propagate = TransferRecords(), logger.level, logger.propagate
+    logger.addHandler(handler)
+    logger.setLevel(logging.DEBUG)
+    logger.propagate = False  # the DEBUG records are for this handler only
+    try:
+        yield handler
+    finally:
+        logger.removeHandler(handler)
+        logger.setLevel(level)
+        logger.propagate = propagate
+
+
 def run_cell(sites: int, params: int, rounds: int) -> dict[str, Any]:
-    """One ``fedcoord simulate`` run; its rounds' timings and the bytes they moved."""
+    """One ``fedcoord simulate`` run; its rounds' timings, the bytes they moved and the
+    per-stream transfer rates the coordinator saw."""
     from coordinator.experiment import parse_experiment
     from coordinator.state import Database
     from simulations.local import simulate
@@ -149,7 +188,8 @@ def run_cell(sites: int, params: int, rounds: int) -> dict[str, Any]:
     with tempfile.TemporaryDirectory(prefix="fedcoord-round-latency-") as tmp:
         out = Path(tmp) / "run"
         t0 = time.perf_counter()
-        summary = simulate(exp, out, stream=io.StringIO())
+        with transfer_records() as transfers:
+            summary = simulate(exp, out, stream=io.StringIO())
         wall = time.perf_counter() - t0
         if summary.get("status") != "finished":
             raise RuntimeError(f"{sites} x {params:,}: run did not finish: {summary}")
@@ -165,6 +205,8 @@ def run_cell(sites: int, params: int, rounds: int) -> dict[str, Any]:
     collect = statistics.median(e["timings"]["collect_s"] for e in timed)
     model_bytes = params * 4
     each_way = sites * model_bytes
+    skip = sites if rounds > 1 else 0
+    down, up = transfers.rates("download", skip), transfers.rates("upload", skip)
     return {
         "sites": sites,
         "params": params,
@@ -179,6 +221,8 @@ def run_cell(sites: int, params: int, rounds: int) -> dict[str, Any]:
         "collect_mb_s": 2 * each_way / collect / 1e6,
         "sites_per_s": sites / total,
         "wall_s": wall,
+        "download_mb_s": statistics.median(down) if down else None,
+        "upload_mb_s": statistics.median(up) if up else None,
     }
 
 
@@ -208,7 +252,11 @@ def run(
             cells.append(cell)
     print(f"single transfer: 1 site x {single_params:,} parameters ...", flush=True)
     single = run_cell(1, single_params, rounds)
-    print(f"  {single['collect_mb_s']:.0f} MB/s over collect_s {single['collect_s']:.3f} s")
+    print(
+        f"  download {_rate(single['download_mb_s'])} MB/s, upload "
+        f"{_rate(single['upload_mb_s'])} MB/s per stream; {single['collect_mb_s']:.0f} MB/s "
+        f"over collect_s {single['collect_s']:.3f} s"
+    )
     return {"cells": cells, "skipped": skipped, "single": single}
 
 
@@ -220,7 +268,13 @@ HEADERS = (
     "MB down / up per round",
     "MB/s (both ways / round s)",
     "MB/s (both ways / collect s)",
+    "download MB/s per stream",
+    "upload MB/s per stream",
 )
+
+
+def _rate(value: float | None) -> str:
+    return "-" if value is None else f"{value:,.0f}"
 
 
 def table_rows(result: dict[str, Any]) -> list[list[str]]:
@@ -233,12 +287,14 @@ def table_rows(result: dict[str, Any]) -> list[list[str]]:
             f"{c['bytes_down'] / 1e6:,.0f} / {c['bytes_up'] / 1e6:,.0f}",
             f"{c['mb_s']:,.0f}",
             f"{c['collect_mb_s']:,.0f}",
+            _rate(c["download_mb_s"]),
+            _rate(c["upload_mb_s"]),
         ]
         for c in result["cells"]
     ]
     rows += [
         [str(s["sites"]), f"{s['params']:,}", "skipped", "-",
-         f"needs ~{s['needed_bytes'] / 2**30:.0f} GiB", "-", "-"]
+         f"needs ~{s['needed_bytes'] / 2**30:.0f} GiB", "-", "-", "-", "-"]
         for s in result["skipped"]
     ]  # fmt: skip
     return rows
@@ -274,11 +330,17 @@ def markdown(result: dict[str, Any], machine_line: str, rounds: int, quick: bool
         f"{rounds} rounds; round s is the ledger's `total_s` (sampling to commit) and "
         "collect s its `collect_s` (tasks posted to last update folded), medians of the "
         "rounds after the first. Every round moves the whole model to every site and back "
-        "(MB = 10^6 bytes); MB/s counts both directions.\n\n"
+        "(MB = 10^6 bytes); MB/s counts both directions. Per stream: the median rate of "
+        "one model download (the coordinator's first chunk to its last taken by gRPC) and "
+        "of one update upload (first chunk received to the payload assembled and its "
+        "SHA-256 digest checked), as the coordinator logs them, rounds after the first; "
+        "concurrent streams share the cores.\n\n"
         + markdown_table(HEADERS, table_rows(result))
         + "\n\n"
         f"Single transfer (1 site, {s['params']:,} float32 = {s['model_bytes'] / 1e6:,.0f} "
-        f"MB each way): {s['collect_mb_s']:,.0f} MB/s over the collect time "
+        f"MB each way): download {_rate(s['download_mb_s'])} MB/s and upload "
+        f"{_rate(s['upload_mb_s'])} MB/s per stream; {s['collect_mb_s']:,.0f} MB/s over "
+        "the collect time "
         f"({s['collect_s']:.3f} s for download, the site's digest check, upload, the "
         f"coordinator's check and fold); {s['mb_s']:,.0f} MB/s over the whole round "
         f"({s['round_s']:.3f} s, with the commit: hashing and storing the new model).\n\n"

@@ -125,7 +125,8 @@ class ReceiptBook:
             if len(self.owed) >= MAX_PENDING:
                 oldest = min(self.owed, key=lambda k: self.owed[k].since)
                 self._settle(self.owed[oldest], "unconfirmed", None, "too many receipts owed")
-            self.owed[(run_id, round_no)] = Owed(run_id, round_no, {digest}, now, now)
+            first_ask = now + FIRST_DELAY_S  # asked at once, it would nearly always be pending
+            self.owed[(run_id, round_no)] = Owed(run_id, round_no, {digest}, now, first_ask)
         else:
             owed.digests.add(digest)
 
@@ -136,15 +137,20 @@ class ReceiptBook:
 
     # asking ---------------------------------------------------------------------------
     def poll(self, stub: fleet_pb2_grpc.FleetStub, now: float | None = None) -> None:
-        """Ask for every receipt that is due; never raises."""
+        """Ask for every receipt that is due (its time came, or a later round of its run
+        started, so it has committed); never raises."""
         now = time.time() if now is None else now
-        for owed in [o for o in self.owed.values() if o.next_ask <= now]:
+        due = [o for o in self.owed.values() if o.next_ask <= now or self._superseded(o)]
+        for owed in due:
             try:
                 if not self._ask(stub, owed, now):
                     return  # the coordinator is unreachable: try again on a later poll
             except Exception as exc:  # a site keeps running whatever a receipt holds
                 log.exception("site %s round %d: receipt check failed", self.site_id, owed.round)
                 self._settle(owed, "invalid", None, f"{type(exc).__name__}: {exc}")
+
+    def _superseded(self, owed: Owed) -> bool:
+        return self.latest_round.get(owed.run_id, 0) > owed.round
 
     def _ask(self, stub: fleet_pb2_grpc.FleetStub, owed: Owed, now: float) -> bool:
         """One ``GetReceipt``; False when the call failed."""
@@ -167,7 +173,7 @@ class ReceiptBook:
             log.debug("site %s: GetReceipt failed: %s", self.site_id, exc.code())
             return False
         if reply.status == fleet_pb2.RECEIPT_STATUS_PENDING:
-            later = self.latest_round.get(owed.run_id, 0) > owed.round
+            later = self._superseded(owed)
             if later or now - owed.since > self.max_wait_s:
                 why = (
                     "a later round started"

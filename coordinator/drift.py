@@ -43,6 +43,7 @@ from strategies.drift import (
     DataProfile,
     cosine,
     ks_from_counts,
+    leave_one_out_scores,
     psi,
     robust_score,
 )
@@ -309,6 +310,7 @@ class DriftMonitor:
                 "cosine": None if others is None or r.sketch is None else cosine(r.sketch, others),
                 "loss": None if loss is None else float(loss),
             }
+        cross = {k: self._cross_site_scores(k, values) for k in UPDATE_STATS}
         for site, v in values.items():
             history = self._history.get(site)
             for k in UPDATE_STATS:
@@ -318,13 +320,31 @@ class DriftMonitor:
                 sign = -1.0 if k == "cosine" else 1.0
                 past = list(history[k]) if history else []
                 if len(past) >= spec.min_history:
-                    self._outlier(result, round_no, site, k, value, past, "site_history", sign)
-                others = [o[k] for s, o in values.items() if s != site and o[k] is not None]
-                if len(others) + 1 >= spec.min_sites:
-                    self._outlier(result, round_no, site, k, value, others, "cross_site", sign)  # type: ignore[arg-type]
+                    score = self._score(k, value, past)
+                    self._outlier(result, round_no, site, k, value, score, past, "site_history")
+                score = cross[k].get(site)
+                if score is not None and sign * score > spec.z_threshold:  # others: for the text
+                    others = [o[k] for s, o in values.items() if s != site and o[k] is not None]
+                    self._outlier(result, round_no, site, k, value, score, others, "cross_site")  # type: ignore[arg-type]
         for site, v in values.items():
             self._remember(site, v)
         result.record["sites"] = values
+
+    def _score(self, stat: str, value: float, baseline: list[float]) -> float:
+        scaled = [_scale(stat, b) for b in baseline]
+        return robust_score(_scale(stat, value), scaled, self.spec.updates.min_scale)
+
+    def _cross_site_scores(
+        self, stat: str, values: Mapping[str, Mapping[str, float | None]]
+    ) -> dict[str, float]:
+        """Each site's score of ``stat`` against the other sites' (when at least
+        ``min_sites`` sites have it), all in one vectorised pass."""
+        have = {s: v[stat] for s, v in values.items() if v[stat] is not None}
+        if not have or len(have) < self.spec.updates.min_sites:
+            return {}
+        scaled = np.array([_scale(stat, x) for x in have.values()])  # type: ignore[arg-type]
+        scores = leave_one_out_scores(scaled, self.spec.updates.min_scale)
+        return dict(zip(have, scores.tolist(), strict=True))
 
     def _outlier(
         self,
@@ -333,14 +353,14 @@ class DriftMonitor:
         site: str,
         stat: str,
         value: float,
+        score: float,
         baseline: list[float],
         scope: str,
-        sign: float,
     ) -> None:
+        """Alert when ``value``'s score against ``baseline`` is past the threshold on
+        the bad side of ``stat`` (below for cosines, above for the others)."""
         spec = self.spec.updates
-        score = robust_score(
-            _scale(stat, value), [_scale(stat, b) for b in baseline], spec.min_scale
-        )
+        sign = -1.0 if stat == "cosine" else 1.0
         if sign * score <= spec.z_threshold:
             return
         score = sign * score
@@ -358,13 +378,10 @@ class DriftMonitor:
     ) -> None:
         spec = self.spec.data
         result.record["checks"].append("data")
-        stored: dict[str, str] = {}
+        profiles = {s: r.profile for s, r in sorted(reports.items()) if r.profile is not None}
+        stored = dict(zip(profiles, self._store(*profiles.values()), strict=True))
         skipped: dict[str, str] = {}
-        for site, r in sorted(reports.items()):
-            profile = r.profile
-            if profile is None:
-                continue
-            stored[site] = self._store(profile)
+        for site, profile in profiles.items():
             reference = self._reference(site)
             self._profiles.setdefault(site, []).append(stored[site])
             if reference is None:
@@ -389,7 +406,7 @@ class DriftMonitor:
             result.record["pooled"] = {"skipped": pooled or "no pooled histogram this round"}
             return
         n = pooled.num_examples
-        digest = self._store(DataProfile(n, pooled.labels, pooled.features))
+        (digest,) = self._store(DataProfile(n, pooled.labels, pooled.features))
         record: dict[str, Any] = {
             "digest": digest, "num_examples": n, "sample_size": pooled.sample_size,
             "sites": pooled.sites, "encoding": pooled.encoding, "noise_std": pooled.noise_std,
@@ -482,11 +499,15 @@ class DriftMonitor:
                 f"{alpha:.2g}, Bonferroni over {len(tests)} features)",
             )  # fmt: skip
 
-    def _store(self, profile: DataProfile) -> str:
-        arrays = {"labels": profile.labels, "num_examples": np.array([profile.num_examples])}
-        if profile.features is not None:
-            arrays["features"] = profile.features
-        return self.store.add(arrays)
+    def _store(self, *profiles: DataProfile) -> list[str]:
+        """Store the profiles content-addressed (in one batch); their digests."""
+        batch = []
+        for p in profiles:
+            arrays = {"labels": p.labels, "num_examples": np.array([p.num_examples])}
+            if p.features is not None:
+                arrays["features"] = p.features
+            batch.append(arrays)
+        return self.store.add_many(batch)
 
     def _reference(self, site: str) -> DataProfile | None:
         """The mean of the site's first ``reference_rounds`` profiles, once it has them."""

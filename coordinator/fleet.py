@@ -52,6 +52,8 @@ UPLOAD_MEMORY_BYTES = 1 << 30
 """Default bound on the bytes of updates being assembled at once (see :class:`UploadBudget`)."""
 TOUCH_EVERY_S = 2.0
 """How often a long upload, or one waiting for memory, counts as contact with its site."""
+TRANSFER_RECORD = "transfer"
+"""Attribute of the log records of :func:`log_transfer`."""
 
 
 class UploadBudget:
@@ -101,6 +103,17 @@ def properties_problem(properties: dict[str, str]) -> str | None:
     if any(not 0 < len(k) <= 64 or len(v) > 256 for k, v in properties.items()):
         return "property keys must be 1-64 characters and values at most 256"
     return None
+
+
+def log_transfer(site_id: str, direction: str, nbytes: int, seconds: float) -> None:
+    """Log (DEBUG) one model download or update upload, the chunks streamed and the
+    digest checked; the record's ``transfer`` attribute holds ``(direction, bytes,
+    seconds)`` for tools that measure throughput (``benchmarks/round_latency.py``)."""
+    rate = nbytes / max(seconds, 1e-9) / 1e6
+    log.debug(
+        "site %s: %s of %d bytes in %.3fs (%.0f MB/s)", site_id, direction, nbytes, seconds,
+        rate, extra={TRANSFER_RECORD: (direction, nbytes, seconds)},
+    )  # fmt: skip
 
 
 class FleetServicer(fleet_pb2_grpc.FleetServicer):
@@ -215,9 +228,11 @@ class FleetServicer(fleet_pb2_grpc.FleetServicer):
         yield fleet_pb2.TaskMessage(header=header)
         if send_model:
             touch = self._toucher(request.site_id)  # a long download is contact too
+            t0 = time.perf_counter()
             for data in model.chunks():
                 yield fleet_pb2.TaskMessage(chunk=common_pb2.Chunk(data=data))
                 touch()
+            log_transfer(request.site_id, "download", model.total_bytes, time.perf_counter() - t0)
 
     def _wait_for_task(
         self, site_id: str, wait: float, context: grpc.ServicerContext
@@ -362,6 +377,7 @@ class FleetServicer(fleet_pb2_grpc.FleetServicer):
             return None
         check_specs({t.name: (t.dtype, tuple(t.shape)) for t in header.update.tensors}, spec)
         assembler = PayloadAssembler(header.update, max_bytes=collector.payload_limit())
+        t0 = time.perf_counter()
         for message in request_iterator:
             if message.WhichOneof("kind") != "chunk":
                 raise PayloadError("unexpected message after the result header")
@@ -369,7 +385,9 @@ class FleetServicer(fleet_pb2_grpc.FleetServicer):
             crash_point("upload")
             if touch is not None:
                 touch()
-        return assembler.finish()
+        arrays = assembler.finish()
+        log_transfer(header.site_id, "upload", assembler.total_bytes, time.perf_counter() - t0)
+        return arrays
 
     @staticmethod
     def _reject(collector: Collector, site_id: str, reason: str) -> fleet_pb2.PushReply:

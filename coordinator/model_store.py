@@ -15,7 +15,7 @@ from __future__ import annotations
 import json
 import os
 import struct
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import BinaryIO
 
@@ -94,6 +94,15 @@ def map_safetensors(path: Path) -> dict[str, np.ndarray]:
     return arrays
 
 
+def _fsync(path: Path) -> None:
+    """Flush a file's or a folder's content and metadata to disk."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
 class ModelStore:
     def __init__(self, root: Path):
         self.root = root
@@ -109,28 +118,41 @@ class ModelStore:
 
     def put(self, arrays: Mapping[str, np.ndarray], digest: str) -> Path:
         """Store ``arrays`` (whose payload digest the caller computed) durably; idempotent."""
-        path = self.path(digest)
-        if path.exists():
-            return path
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-        with open(tmp, "wb") as f:
-            write_safetensors(arrays, f, {"fedcoord_digest": digest})
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-        dir_fd = os.open(path.parent, os.O_RDONLY)
-        try:
-            os.fsync(dir_fd)
-        finally:
-            os.close(dir_fd)
-        return path
+        return self._put_all([(arrays, digest)])[0]
 
     def add(self, arrays: Mapping[str, np.ndarray]) -> str:
         """Store ``arrays`` under their payload digest, which is returned."""
-        digest = digest_arrays(arrays)
-        self.put(arrays, digest)
-        return digest
+        return self.add_many([arrays])[0]
+
+    def add_many(self, batch: Sequence[Mapping[str, np.ndarray]]) -> list[str]:
+        """Store several sets of arrays (e.g. a round's data profiles) durably at once;
+        their digests."""
+        digests = [digest_arrays(arrays) for arrays in batch]
+        self._put_all(list(zip(batch, digests, strict=True)))
+        return digests
+
+    def _put_all(self, items: Sequence[tuple[Mapping[str, np.ndarray], str]]) -> list[Path]:
+        """Write every new file under a temporary name, then fsync and rename them all
+        and fsync their folders: one journal commit covers most of a batch, where a
+        file-by-file sync pays one each."""
+        paths: list[Path] = []
+        pending: dict[Path, Path] = {}
+        for arrays, digest in items:
+            path = self.path(digest)
+            paths.append(path)
+            if path in pending or path.exists():
+                continue
+            path.parent.mkdir(parents=True, exist_ok=True)
+            tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+            with open(tmp, "wb") as f:
+                write_safetensors(arrays, f, {"fedcoord_digest": digest})
+            pending[path] = tmp
+        for path, tmp in pending.items():
+            _fsync(tmp)
+            os.replace(tmp, path)
+        for folder in {path.parent for path in pending}:
+            _fsync(folder)
+        return paths
 
     def get(self, digest: str) -> dict[str, np.ndarray]:
         return load_file(str(self.path(digest)))

@@ -141,6 +141,14 @@ class Database:
         self._conn.execute("PRAGMA foreign_keys=ON")
         self._conn.executescript(SCHEMA)
         self._add_missing_columns()
+        # the fleet's hot reads (site rows, revocations, receipts) go through a second
+        # connection: under WAL it reads the last commit while the writer's COMMIT waits
+        # for its fsync, so a slow disk stalls the round's commit, not every site's RPC
+        self._read_lock = threading.Lock()
+        self._reader = sqlite3.connect(
+            data_dir / "ledger.db", check_same_thread=False, isolation_level=None
+        )
+        self._reader.execute("PRAGMA query_only=ON")
 
     def _add_missing_columns(self) -> None:
         for table, columns in ADDED_COLUMNS.items():
@@ -150,7 +158,8 @@ class Database:
                     self._conn.execute(f"ALTER TABLE {table} ADD COLUMN {name} {kind}")
 
     def close(self) -> None:
-        with self._lock:
+        with self._lock, self._read_lock:
+            self._reader.close()
             self._conn.close()
 
     @contextmanager
@@ -168,6 +177,12 @@ class Database:
     def query(self, sql: str, params: tuple[Any, ...] = ()) -> list[tuple[Any, ...]]:
         with self._lock:
             return self._conn.execute(sql, params).fetchall()
+
+    def read(self, sql: str, params: tuple[Any, ...] = ()) -> list[tuple[Any, ...]]:
+        """A query on the reader connection: what was committed last, never waiting
+        for a write in progress (nor seeing one)."""
+        with self._read_lock:
+            return self._reader.execute(sql, params).fetchall()
 
     # runs ------------------------------------------------------------------------
     def create_run(
@@ -282,7 +297,7 @@ class Database:
 
     def round_entry(self, run_id: str, round_no: int) -> ledger.Entry | None:
         """The ledger entry that committed round ``round_no`` of ``run_id`` (None until then)."""
-        rows = self.query(
+        rows = self.read(
             "SELECT l.seq, l.kind, l.payload, l.prev_hash, l.hash, l.signature FROM rounds r"
             " JOIN ledger l ON l.seq = r.ledger_seq WHERE r.run_id=? AND r.round=?",
             (run_id, round_no),
@@ -325,8 +340,8 @@ class Database:
 
     # sites -----------------------------------------------------------------------
     def site(self, site_id: str) -> SiteRow | None:
-        with self._lock:
-            return self.read_site(self._conn, site_id)
+        with self._read_lock:
+            return self.read_site(self._reader, site_id)
 
     @staticmethod
     def read_site(c: sqlite3.Connection, site_id: str) -> SiteRow | None:
@@ -355,12 +370,12 @@ class Database:
         return [(s.site_id, s.status) for s in self.site_rows()]
 
     def revoked_sites(self) -> set[str]:
-        return {s for (s,) in self.query("SELECT site_id FROM sites WHERE status='revoked'")}
+        return {s for (s,) in self.read("SELECT site_id FROM sites WHERE status='revoked'")}
 
     def data_version(self) -> int:
-        """Changes whenever another connection (e.g. ``fedcoord sites`` on this data
-        directory) has committed since the last call."""
-        return int(self.query("PRAGMA data_version")[0][0])
+        """Changes whenever something (this process or another, e.g. ``fedcoord sites``
+        on this data directory) has committed since the last call."""
+        return int(self.read("PRAGMA data_version")[0][0])
 
     # events ----------------------------------------------------------------------
     def add_event(

@@ -31,6 +31,11 @@ MAX_PROFILE_VALUES = 1_000_000
 SKETCH_DIM = 2048
 """Updates with more coordinates are count-sketched to this many (inner products are
 kept in expectation); smaller ones are kept exactly."""
+SKETCH_SAMPLE = 1 << 22
+"""Coordinates a sketch hashes at most: a larger model's sketch covers a seeded random
+choice of :data:`SKETCH_BLOCK`-coordinate blocks holding about this many (its norm
+still covers every coordinate), so sketching costs the same from 4M parameters up."""
+SKETCH_BLOCK = 1 << 16
 _GOLDEN = np.uint64(0x9E3779B97F4A7C15)
 
 
@@ -126,10 +131,35 @@ def robust_score(value: float, history: Sequence[float], min_scale: float) -> fl
     """How many robust deviations ``value`` lies above the median of ``history``: the
     scale is 1.4826 x MAD (the standard deviation for normal data), at least
     ``min_scale``, so a flat history does not make every wobble an outlier."""
-    h = np.asarray(history, dtype=np.float64)
-    median = float(np.median(h))
-    mad = float(np.median(np.abs(h - median)))
-    return (value - median) / max(1.4826 * mad, min_scale, 1e-12)
+    h = np.asarray(history, dtype=np.float64)[None, :]
+    return float(robust_scores(np.array([value], np.float64), h, min_scale)[0])
+
+
+def robust_scores(values: np.ndarray, baselines: np.ndarray, min_scale: float) -> np.ndarray:
+    """:func:`robust_score` of each ``values[i]`` against the row ``baselines[i]``."""
+    median = np.median(baselines, axis=1)
+    mad = np.median(np.abs(baselines - median[:, None]), axis=1)
+    return (values - median) / np.maximum(1.4826 * mad, max(min_scale, 1e-12))
+
+
+LEAVE_ONE_OUT_CELLS = 1 << 22
+"""Baseline values :func:`leave_one_out_scores` holds at once (32 MiB of float64)."""
+
+
+def leave_one_out_scores(values: np.ndarray, min_scale: float) -> np.ndarray:
+    """:func:`robust_score` of each value against all the others (the cross-site check),
+    vectorised in blocks of rows that hold at most :data:`LEAVE_ONE_OUT_CELLS` values."""
+    v = np.asarray(values, dtype=np.float64)
+    n = v.size
+    scores = np.empty(n, np.float64)
+    rows = max(1, LEAVE_ONE_OUT_CELLS // max(n, 1))
+    for lo in range(0, n, rows):
+        hi = min(n, lo + rows)
+        keep = np.ones((hi - lo, n), bool)
+        keep[np.arange(hi - lo), np.arange(lo, hi)] = False
+        others = np.broadcast_to(v, (hi - lo, n))[keep].reshape(hi - lo, n - 1)
+        scores[lo:hi] = robust_scores(v[lo:hi], others, min_scale)
+    return scores
 
 
 class UpdateSketcher:
@@ -138,7 +168,9 @@ class UpdateSketcher:
     Models up to :data:`SKETCH_DIM` floating coordinates are kept exactly; larger ones
     are count-sketched with a multiply-shift hash of the coordinate index seeded by
     ``seed``, so sketches of different sites share buckets and signs and the sketch of a
-    weighted mean is the weighted mean of the sketches.
+    weighted mean is the weighted mean of the sketches. Beyond :data:`SKETCH_SAMPLE`
+    coordinates only seeded random blocks are sketched (the same blocks for every site),
+    scaled so that inner products are still kept in expectation.
     """
 
     def __init__(self, reference: Arrays, seed: int, chunk: int = 1 << 20):
@@ -149,6 +181,12 @@ class UpdateSketcher:
         rng = np.random.default_rng([seed, 0x5EED])
         self._mul = rng.integers(1, 2**63, dtype=np.uint64) | np.uint64(1)
         self._chunk = chunk
+        blocks = -(-self.size // SKETCH_BLOCK)
+        keep = min(blocks, max(1, SKETCH_SAMPLE // SKETCH_BLOCK))
+        self._blocks = np.sort(rng.choice(blocks, keep, replace=False)) * SKETCH_BLOCK
+        self._scale = math.sqrt(blocks / keep)
+        """The sketched blocks' first coordinates, and the factor that makes up for
+        the blocks left out."""
 
     def sketch(self, arrays: Arrays, reference: Arrays) -> tuple[float, np.ndarray]:
         """``(||delta||, sketch of delta)`` in float64, one chunk of the delta at a time
@@ -165,9 +203,22 @@ class UpdateSketcher:
                 if self.exact:
                     out[offset + start : offset + stop] = delta
                 else:
-                    self._add(out, delta, offset + start)
+                    self._add_sampled(out, delta, offset + start)
             offset += a.size
+        if self._scale != 1.0:
+            out *= self._scale
         return math.sqrt(total), out
+
+    def _add_sampled(self, out: np.ndarray, delta: np.ndarray, offset: int) -> None:
+        """Sketch the parts of ``delta`` (coordinates from ``offset``) in sampled blocks."""
+        end = offset + delta.size
+        first = int(np.searchsorted(self._blocks, offset - SKETCH_BLOCK, side="right"))
+        for lo in self._blocks[first:].tolist():
+            if lo >= end:
+                break
+            a, b = max(lo, offset), min(lo + SKETCH_BLOCK, end)
+            if a < b:
+                self._add(out, delta[a - offset : b - offset], a)
 
     def _add(self, out: np.ndarray, delta: np.ndarray, offset: int) -> None:
         shift = np.uint64(64 - int(math.log2(SKETCH_DIM)))

@@ -288,13 +288,16 @@ def test_the_site_asks_until_committed_and_records_every_outcome(tmp_path: Path)
         pending, grpc.StatusCode.UNAVAILABLE, receipt_reply(make_receipt()), tampered, pending
     )
     book.expect("run-1", 2, TREE[SITE], now=100.0)
-    book.poll(stub, now=100.0)  # pending: asked again later, not before
-    book.poll(stub, now=100.5)
+    book.poll(stub, now=100.0)  # not asked yet: the round has hardly had time to commit
+    assert not stub.requests
+    book.poll(stub, now=101.0)  # pending: asked again later, not before
+    book.poll(stub, now=101.5)
     assert len(stub.requests) == 1 and not book.records
-    book.poll(stub, now=101.0)  # the coordinator is down
+    book.poll(stub, now=102.0)  # the coordinator is down
     book.poll(stub, now=200.0)
     assert [r["outcome"] for r in book.records] == ["included"]
     book.expect("run-1", 3, TREE[SITE], now=300.0)
+    book.saw_round("run-1", 4)  # round 3 committed: asked at once
     book.poll(stub, now=300.0)  # a forged signature: recorded as invalid, never raised
     book.expect("run-1", 4, TREE[SITE], now=400.0)
     book.saw_round("run-1", 5)
@@ -311,9 +314,9 @@ def test_the_site_asks_until_committed_and_records_every_outcome(tmp_path: Path)
 def test_a_coordinator_without_receipts_is_tolerated():
     book = ReceiptBook(SITE, raw(KEY))
     book.expect("run-1", 2, TREE[SITE], now=0.0)
-    book.poll(Stub(grpc.StatusCode.UNIMPLEMENTED), now=0.0)
+    book.poll(Stub(grpc.StatusCode.UNIMPLEMENTED), now=1.0)
     assert [r["outcome"] for r in book.records] == ["unconfirmed"]
-    book.expect("run-1", 3, TREE[SITE], now=1.0)
+    book.expect("run-1", 3, TREE[SITE], now=2.0)
     assert not book.owed
 
 
