@@ -15,9 +15,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import queue
-import threading
-import weakref
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 
@@ -30,9 +27,6 @@ CHUNK_SIZE = 1 << 20
 """Largest chunk put on the wire (1 MiB)."""
 ALIGN = 64
 """Every tensor starts at a multiple of this many bytes of the stream."""
-BACKGROUND_HASH_BYTES = 64 << 20
-"""A payload at least this large is hashed by a thread of its own while its chunks
-arrive (SHA-256 releases the GIL), so receiving and hashing overlap."""
 MAX_TENSORS = 100_000
 MAX_NAME_LEN = 512
 DIGEST_PREFIX = "sha256:"
@@ -172,32 +166,6 @@ def digest_arrays(arrays: Arrays) -> str:
     return EncodedPayload(arrays).digest
 
 
-class _BackgroundHash:
-    """Feeds a hash in order from its own thread."""
-
-    def __init__(self, h: hashlib._Hash) -> None:
-        self._hash = h
-        self._pieces: queue.SimpleQueue[memoryview | None] = queue.SimpleQueue()
-        self._thread = threading.Thread(target=self._run, name="payload-hash", daemon=True)
-        self._thread.start()
-
-    def _run(self) -> None:
-        while (piece := self._pieces.get()) is not None:
-            self._hash.update(piece)
-
-    def update(self, piece: memoryview) -> None:
-        self._pieces.put(piece)
-
-    def close(self) -> None:
-        """End the thread once the queued pieces are hashed (idempotent)."""
-        self._pieces.put(None)
-
-    def hexdigest(self) -> str:
-        self.close()
-        self._thread.join()
-        return self._hash.hexdigest()
-
-
 class PayloadAssembler:
     """Receives one payload: checks its header, collects chunks, verifies the digest.
 
@@ -225,10 +193,7 @@ class PayloadAssembler:
         self._buffer = np.empty(total, dtype=np.uint8)
         self._view = memoryview(self._buffer)
         self._received = 0
-        self._hash: hashlib._Hash | _BackgroundHash = hashlib.sha256(_spec_bytes(self.layouts))
-        if total >= BACKGROUND_HASH_BYTES:
-            self._hash = _BackgroundHash(self._hash)
-            weakref.finalize(self, self._hash.close)  # an abandoned stream ends its thread
+        self._hash = hashlib.sha256(_spec_bytes(self.layouts))
 
     @property
     def received(self) -> int:
@@ -240,9 +205,8 @@ class PayloadAssembler:
             raise PayloadError(f"payload stream longer than the announced {self.total_bytes} bytes")
         if len(data) > CHUNK_SIZE:
             raise PayloadError(f"chunk of {len(data)} bytes exceeds {CHUNK_SIZE}")
-        piece = self._view[self._received : end]
-        piece[:] = data
-        self._hash.update(piece)  # our own copy: a background hash may read it later
+        self._view[self._received : end] = data
+        self._hash.update(data)
         self._received = end
 
     def finish(self) -> dict[str, np.ndarray]:

@@ -2,9 +2,6 @@
 
 from __future__ import annotations
 
-import threading
-import time
-
 import numpy as np
 import pytest
 from hypothesis import given, settings
@@ -101,23 +98,6 @@ def corrupt(header_edit=None, chunks_edit=None):
 def test_malformed_payloads_are_refused(header_edit, chunks_edit, message):
     with pytest.raises(PayloadError, match=message):
         corrupt(header_edit, chunks_edit)
-
-
-def test_large_payloads_are_hashed_in_the_background(monkeypatch):
-    monkeypatch.setattr(codec, "BACKGROUND_HASH_BYTES", 1)
-    arrays = {"w": np.arange(300_000, dtype=np.float32), "b": np.ones(3, np.float64)}
-    out = roundtrip(arrays, chunk_size=4096)
-    assert all(np.array_equal(out[k], v) for k, v in arrays.items())
-    with pytest.raises(PayloadError, match="digest mismatch"):
-        corrupt(None, lambda c: [c[0][:-1] + b"\x01", *c[1:]])
-    before = threading.active_count()
-    assembler = codec.PayloadAssembler(codec.encode(arrays).header(), 1 << 30)
-    assert threading.active_count() == before + 1
-    del assembler  # an abandoned stream: its hashing thread ends
-    deadline = time.monotonic() + 5
-    while threading.active_count() > before and time.monotonic() < deadline:
-        time.sleep(0.01)
-    assert threading.active_count() == before
 
 
 def test_size_limit_is_checked_before_allocating():
