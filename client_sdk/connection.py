@@ -375,7 +375,9 @@ def run_site(
         Plaintext channel (no TLS). Otherwise TLS with ``root_certificates`` (system
         roots when None) and, for mutual TLS, ``certificate_chain`` + ``private_key``.
     stop
-        Set it to end the loop (checked between polls; polls last ``poll_wait_s``).
+        Set it to end the loop: the site's own channel is closed at once, which ends a
+        poll or transfer in flight (with a shared ``channel``: between polls, which last
+        ``poll_wait_s``). ``fedcoord site`` sets it on SIGINT and SIGTERM.
     max_unavailable_s
         Give up with :class:`CoordinatorUnavailable` after this long without reaching
         the coordinator (None: retry forever).
@@ -420,6 +422,11 @@ def run_site(
     backoff = Backoff()
     enrolled = False
     down_since: float | None = None
+    ended = threading.Event()
+    if own_channel:
+        threading.Thread(
+            target=_close_when_stopped, args=(channel, stop, ended), name="site-stop", daemon=True
+        ).start()
     try:
         while not stop.is_set():
             try:
@@ -436,6 +443,8 @@ def run_site(
                 log.warning("site %s: discarded a malformed task: %s", site_id, exc)
                 stop.wait(backoff.next_delay())
             except grpc.RpcError as exc:
+                if stop.is_set():  # the call was cut by the stop
+                    break
                 code = exc.code()
                 if code == grpc.StatusCode.PERMISSION_DENIED:
                     enrolled = False  # e.g. the coordinator lost track of us: enroll again
@@ -462,7 +471,20 @@ def run_site(
                 )
                 stop.wait(delay)
     except KeyboardInterrupt:
-        log.info("site %s: stopped", site_id)
+        pass
     finally:
+        ended.set()
         if own_channel:
             channel.close()
+    log.info("site %s: stopped", site_id)
+
+
+def _close_when_stopped(
+    channel: grpc.Channel, stop: threading.Event, ended: threading.Event
+) -> None:
+    """Close ``channel`` once ``stop`` is set (cancelling the call in flight), unless
+    the site ``ended`` first."""
+    while not ended.is_set():
+        if stop.wait(0.5):
+            channel.close()
+            return

@@ -220,8 +220,25 @@ def site_of(message: Any) -> str:
     return site if isinstance(site, str) and SITE_ID.match(site) else ANONYMOUS
 
 
+def _framed(n: int) -> int:
+    """Bytes of a length-delimited field with a one-byte tag and ``n`` bytes of content."""
+    return 1 + max(1, (n.bit_length() + 6) // 7) + n
+
+
 def _size(message: Any) -> int:
-    return message.ByteSize() if message is not None else 0
+    """A message's size on the wire; a chunk message's is computed from its data's
+    length (``ByteSize`` would encode the whole megabyte again). Chunks are field 2 of
+    ``TaskMessage``/``ResultMessage`` and hold ``data`` as field 1: one-byte tags."""
+    if message is None:
+        return 0
+    try:
+        kind = message.WhichOneof("kind")
+    except ValueError:  # a message without a ``kind``
+        kind = None
+    if kind == "chunk":
+        n = len(message.chunk.data)
+        return _framed(_framed(n) if n else 0)
+    return int(message.ByteSize())
 
 
 def peer_host(context: grpc.ServicerContext) -> str:

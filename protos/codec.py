@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import mmap
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 
@@ -27,6 +28,9 @@ CHUNK_SIZE = 1 << 20
 """Largest chunk put on the wire (1 MiB)."""
 ALIGN = 64
 """Every tensor starts at a multiple of this many bytes of the stream."""
+PREFAULT_BYTES = 64 << 20
+"""A payload buffer at least this large is mapped with its pages faulted in at once
+(Linux ``MAP_POPULATE``): cheaper than faulting them in one by one while chunks land."""
 MAX_TENSORS = 100_000
 MAX_NAME_LEN = 512
 DIGEST_PREFIX = "sha256:"
@@ -166,6 +170,14 @@ def digest_arrays(arrays: Arrays) -> str:
     return EncodedPayload(arrays).digest
 
 
+def _receive_buffer(nbytes: int) -> np.ndarray:
+    populate = getattr(mmap, "MAP_POPULATE", 0)
+    if nbytes < PREFAULT_BYTES or not populate:
+        return np.empty(nbytes, dtype=np.uint8)
+    flags = mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS | populate
+    return np.frombuffer(mmap.mmap(-1, nbytes, flags=flags), dtype=np.uint8)
+
+
 class PayloadAssembler:
     """Receives one payload: checks its header, collects chunks, verifies the digest.
 
@@ -190,7 +202,7 @@ class PayloadAssembler:
             raise PayloadError(f"payload of {total} bytes exceeds the limit of {max_bytes}")
         self.expected_digest = header.digest
         self.total_bytes = total
-        self._buffer = np.empty(total, dtype=np.uint8)
+        self._buffer = _receive_buffer(total)
         self._view = memoryview(self._buffer)
         self._received = 0
         self._hash = hashlib.sha256(_spec_bytes(self.layouts))

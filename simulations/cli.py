@@ -11,7 +11,9 @@ import argparse
 import importlib
 import logging
 import os
+import signal
 import sys
+import threading
 from pathlib import Path
 from typing import NoReturn
 
@@ -99,6 +101,9 @@ def cmd_site(args: argparse.Namespace) -> int:
     logging.basicConfig(
         level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
     )
+    stop = threading.Event()  # Ctrl-C and SIGTERM stop the site, cancelling its call
+    for signum in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(signum, lambda *_: stop.set())
     run_site(
         client,
         args.coordinator,
@@ -114,6 +119,7 @@ def cmd_site(args: argparse.Namespace) -> int:
         if args.coordinator_key
         else None,
         key_path=key_path,
+        stop=stop,
     )
     return 0
 

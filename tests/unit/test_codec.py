@@ -100,6 +100,14 @@ def test_malformed_payloads_are_refused(header_edit, chunks_edit, message):
         corrupt(header_edit, chunks_edit)
 
 
+def test_large_payloads_land_in_a_prefaulted_mapping(monkeypatch):
+    monkeypatch.setattr(codec, "PREFAULT_BYTES", 1)
+    arrays = {"w": np.arange(300_000, dtype=np.float32), "b": np.ones(3, np.float64)}
+    out = roundtrip(arrays, chunk_size=4096)
+    assert all(np.array_equal(out[k], v) for k, v in arrays.items())
+    assert out["w"].flags.writeable and out["w"].base is not None
+
+
 def test_size_limit_is_checked_before_allocating():
     header = common_pb2.PayloadHeader(
         tensors=[common_pb2.TensorSpec(name="x", dtype="float64", shape=[1 << 40])],
