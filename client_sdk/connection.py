@@ -335,7 +335,7 @@ class SiteSession:
 
     def _heartbeat(self, task_id: str, done: threading.Event) -> None:
         while not done.wait(self.heartbeat_interval_s):
-            with contextlib.suppress(grpc.RpcError):  # a missed beat is harmless
+            with contextlib.suppress(grpc.RpcError, ValueError):  # a missed beat is harmless
                 self.stub.Heartbeat(
                     fleet_pb2.HeartbeatRequest(site_id=self.site_id, task_id=task_id), timeout=10
                 )
@@ -438,10 +438,15 @@ def run_site(
                 backoff.reset()
                 if task is not None and not stop.is_set():
                     session.run_task(task)
-                session.check_receipts()
+                if not stop.is_set():
+                    session.check_receipts()
             except PayloadError as exc:
                 log.warning("site %s: discarded a malformed task: %s", site_id, exc)
                 stop.wait(backoff.next_delay())
+            except ValueError:  # "Cannot invoke RPC on closed channel!"
+                if stop.is_set():  # the stop closed the channel between two calls
+                    break
+                raise
             except grpc.RpcError as exc:
                 if stop.is_set():  # the call was cut by the stop
                     break

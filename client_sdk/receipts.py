@@ -159,6 +159,8 @@ class ReceiptBook:
         )
         try:
             reply = stub.GetReceipt(request, timeout=ASK_TIMEOUT_S)
+        except ValueError:  # the site is stopping: its channel was closed
+            return False
         except grpc.RpcError as exc:
             if exc.code() == grpc.StatusCode.UNIMPLEMENTED:
                 log.warning(
