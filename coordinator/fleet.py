@@ -28,7 +28,7 @@ from coordinator.state import Database
 from coordinator.transport import check_peer_site
 from protos.codec import PayloadAssembler
 from protos.errors import PayloadError
-from protos.fedcoord.v1 import common_pb2, fleet_pb2, fleet_pb2_grpc
+from protos.fedcoord.v1 import fleet_pb2, fleet_pb2_grpc
 from protos.receipts import MAX_ID_CHARS
 from protos.signing import SITE_ID, SITE_ID_RULE, fleet_method, key_fingerprint
 from strategies.errors import InvalidUpdate
@@ -118,6 +118,11 @@ def log_transfer(site_id: str, direction: str, nbytes: int, seconds: float) -> N
 
 class FleetServicer(fleet_pb2_grpc.FleetServicer):
     """Enrollment, long-polled tasks, streamed results, heartbeats.
+
+    ``PullTask`` streams a model's chunks as pre-encoded ``TaskMessage`` bytes
+    (:meth:`protos.codec.EncodedPayload.chunk_messages`): serve it behind
+    :class:`coordinator.limits.LimitsInterceptor`, whose serializer passes bytes through
+    (:class:`coordinator.server.Coordinator` does).
 
     Parameters
     ----------
@@ -229,8 +234,8 @@ class FleetServicer(fleet_pb2_grpc.FleetServicer):
         if send_model:
             touch = self._toucher(request.site_id)  # a long download is contact too
             t0 = time.perf_counter()
-            for data in model.chunks():
-                yield fleet_pb2.TaskMessage(chunk=common_pb2.Chunk(data=data))
+            for message in model.chunk_messages():  # bytes: see the class docstring
+                yield message  # type: ignore[misc]
                 touch()
             log_transfer(request.site_id, "download", model.total_bytes, time.perf_counter() - t0)
 

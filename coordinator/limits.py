@@ -31,6 +31,7 @@ from typing import Any, Protocol
 import grpc
 
 from coordinator.logs import LogThrottle, log_context
+from protos.codec import chunk_message_size
 from protos.signing import SITE_HEADER, SITE_ID
 
 log = logging.getLogger("fedcoord.limits")
@@ -220,25 +221,27 @@ def site_of(message: Any) -> str:
     return site if isinstance(site, str) and SITE_ID.match(site) else ANONYMOUS
 
 
-def _framed(n: int) -> int:
-    """Bytes of a length-delimited field with a one-byte tag and ``n`` bytes of content."""
-    return 1 + max(1, (n.bit_length() + 6) // 7) + n
-
-
 def _size(message: Any) -> int:
-    """A message's size on the wire; a chunk message's is computed from its data's
-    length (``ByteSize`` would encode the whole megabyte again). Chunks are field 2 of
-    ``TaskMessage``/``ResultMessage`` and hold ``data`` as field 1: one-byte tags."""
+    """A message's size on the wire: a pre-encoded one's length; a chunk message's from
+    its data's length (``ByteSize`` would encode the whole megabyte again)."""
     if message is None:
         return 0
+    if isinstance(message, bytes):
+        return len(message)
     try:
         kind = message.WhichOneof("kind")
     except ValueError:  # a message without a ``kind``
         kind = None
     if kind == "chunk":
-        n = len(message.chunk.data)
-        return _framed(_framed(n) if n else 0)
+        return chunk_message_size(len(message.chunk.data))
     return int(message.ByteSize())
+
+
+def _passing_bytes(serializer: Callable[[Any], bytes] | None) -> Callable[[Any], bytes] | None:
+    """A response serializer that sends pre-encoded messages (``bytes``) as they are."""
+    if serializer is None:
+        return None
+    return lambda message: message if isinstance(message, bytes) else serializer(message)
 
 
 def peer_host(context: grpc.ServicerContext) -> str:
@@ -560,7 +563,7 @@ class LimitsInterceptor(grpc.ServerInterceptor):
         return make(
             self._wrap(inner, method, claimed, *streams),
             request_deserializer=handler.request_deserializer,
-            response_serializer=handler.response_serializer,
+            response_serializer=_passing_bytes(handler.response_serializer),
         )
 
     def _wrap(
