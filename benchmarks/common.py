@@ -233,3 +233,40 @@ def read_section(name: str, path: Path = RESULTS_MD) -> str | None:
     if start < 0 or stop < 0:
         return None
     return text[start + len(begin) : stop].strip()
+
+
+@dataclass
+class SimulationRun:
+    """What one benchmarked ``fedcoord simulate`` left: its summary, the payloads of its
+    ``round_committed`` ledger entries and its wall time."""
+
+    summary: dict[str, Any]
+    rounds: list[dict[str, Any]]
+    wall_s: float
+
+
+def run_simulation(
+    exp: Any, what: str, listeners: Sequence[Callable[[Any], None]] = ()
+) -> SimulationRun:
+    """Run ``exp`` (an :class:`coordinator.experiment.Experiment`) through
+    :func:`simulations.local.simulate` in a temporary folder, quietly; raises
+    RuntimeError (naming ``what``) when the run does not finish."""
+    import io
+    import tempfile
+
+    from coordinator.state import Database
+    from simulations.local import simulate
+
+    with tempfile.TemporaryDirectory(prefix="fedcoord-bench-") as tmp:
+        out = Path(tmp) / "run"
+        t0 = time.perf_counter()
+        summary = simulate(exp, out, stream=io.StringIO(), listeners=listeners)
+        wall = time.perf_counter() - t0
+        if summary.get("status") != "finished":
+            raise RuntimeError(f"{what}: run did not finish: {summary}")
+        db = Database(out)
+        try:
+            rounds = [e.payload for e in db.ledger_entries() if e.kind == "round_committed"]
+        finally:
+            db.close()
+    return SimulationRun(summary, rounds, wall)

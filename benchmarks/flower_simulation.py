@@ -31,7 +31,6 @@ from __future__ import annotations
 
 import argparse
 import functools
-import io
 import os
 import statistics
 import sys
@@ -50,6 +49,7 @@ from benchmarks.common import (
     RESULTS_MD,
     describe_machine,
     markdown_table,
+    run_simulation,
     text_table,
     utc_now,
     write_json,
@@ -89,8 +89,6 @@ def run_fedcoord(text: str) -> dict[str, Any]:
     """One ``fedcoord simulate`` run: wall time, round times and the final accuracy."""
     from coordinator.engine import RunEvent
     from coordinator.experiment import parse_experiment
-    from coordinator.state import Database
-    from simulations.local import simulate
 
     exp = parse_experiment(text, NAME)
     committed: dict[int, float] = {}
@@ -99,18 +97,9 @@ def run_fedcoord(text: str) -> dict[str, Any]:
         if event.kind == "round_committed":
             committed[int(event.data["round"])] = time.perf_counter()
 
-    with tempfile.TemporaryDirectory(prefix="fedcoord-flower-sim-") as tmp:
-        out = Path(tmp) / "run"
-        t0 = time.perf_counter()
-        summary = simulate(exp, out, stream=io.StringIO(), listeners=[mark])
-        wall = time.perf_counter() - t0
-        if summary.get("status") != "finished":
-            raise RuntimeError(f"fedcoord run did not finish: {summary}")
-        db = Database(out)
-        try:
-            entries = [e.payload for e in db.ledger_entries() if e.kind == "round_committed"]
-        finally:
-            db.close()
+    t0 = time.perf_counter()
+    run = run_simulation(exp, "fedcoord", [mark])
+    summary, entries, wall = run.summary, run.rounds, run.wall_s
     rounds = [e["timings"]["total_s"] for e in entries]
     return {
         "engine": "fedcoord simulate",

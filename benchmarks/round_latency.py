@@ -38,11 +38,8 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import io
 import logging
 import statistics
-import tempfile
-import time
 from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -54,6 +51,7 @@ from benchmarks.common import (
     RESULTS_MD,
     describe_machine,
     markdown_table,
+    run_simulation,
     text_table,
     utc_now,
     write_json,
@@ -181,23 +179,11 @@ def run_cell(sites: int, params: int, rounds: int) -> dict[str, Any]:
     """One ``fedcoord simulate`` run; its rounds' timings, the bytes they moved and the
     per-stream transfer rates the coordinator saw."""
     from coordinator.experiment import parse_experiment
-    from coordinator.state import Database
-    from simulations.local import simulate
 
     exp = parse_experiment(EXPERIMENT.format(rounds=rounds, sites=sites, params=params), NAME)
-    with tempfile.TemporaryDirectory(prefix="fedcoord-round-latency-") as tmp:
-        out = Path(tmp) / "run"
-        t0 = time.perf_counter()
-        with transfer_records() as transfers:
-            summary = simulate(exp, out, stream=io.StringIO())
-        wall = time.perf_counter() - t0
-        if summary.get("status") != "finished":
-            raise RuntimeError(f"{sites} x {params:,}: run did not finish: {summary}")
-        db = Database(out)
-        try:
-            entries = [e.payload for e in db.ledger_entries() if e.kind == "round_committed"]
-        finally:
-            db.close()
+    with transfer_records() as transfers:
+        run = run_simulation(exp, f"{sites} x {params:,}")
+    entries, wall = run.rounds, run.wall_s
     timed = entries[1:] if len(entries) > 1 else entries
     if any(len(e["participants"]) != sites for e in entries):
         raise RuntimeError(f"{sites} x {params:,}: a round lost sites: {entries[-1]['dropped']}")

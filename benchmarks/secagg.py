@@ -31,11 +31,9 @@ Writes ``benchmarks/results/secagg.json`` and its section of ``benchmarks/RESULT
 from __future__ import annotations
 
 import argparse
-import io
 import itertools
 import math
 import statistics
-import tempfile
 import time
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -49,6 +47,7 @@ from benchmarks.common import (
     best_of,
     describe_machine,
     markdown_table,
+    run_simulation,
     text_table,
     utc_now,
     write_json,
@@ -142,8 +141,6 @@ def fedcoord_round_seconds(
     """One ``fedcoord simulate`` run; the median round time after the first and more."""
     from coordinator.engine import RunEvent
     from coordinator.experiment import parse_experiment
-    from coordinator.state import Database
-    from simulations.local import simulate
 
     text = EXPERIMENT.replace("TASK", TASKS[workload]).format(
         rounds=rounds, sites=sites, params=params, secure="true" if secure else "false"
@@ -155,18 +152,8 @@ def fedcoord_round_seconds(
         if event.kind in ("run_started", "run_resumed", "round_committed"):
             cpu_marks.append(time.process_time())
 
-    with tempfile.TemporaryDirectory(prefix="fedcoord-secagg-bench-") as tmp:
-        out = Path(tmp) / "run"
-        t0 = time.perf_counter()
-        summary = simulate(exp, out, stream=io.StringIO(), listeners=[mark])
-        wall = time.perf_counter() - t0
-        if summary.get("status") != "finished":
-            raise RuntimeError(f"benchmark run did not finish: {summary}")
-        db = Database(out)
-        try:
-            entries = [e.payload for e in db.ledger_entries() if e.kind == "round_committed"]
-        finally:
-            db.close()
+    run = run_simulation(exp, "benchmark", [mark])
+    entries, wall = run.rounds, run.wall_s
     times = [e["timings"]["total_s"] for e in entries]
     cpu = [b - a for a, b in itertools.pairwise(cpu_marks)]
     record = entries[-1].get("secure_aggregation") or {}
