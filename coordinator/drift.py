@@ -54,6 +54,11 @@ UPDATE_STATS = ("norm", "cosine", "loss")
 CHECK_NAMES = {"norm": "update_norm", "cosine": "update_cosine", "loss": "train_loss"}
 
 
+def _bad_side(stat: str) -> float:
+    """-1 where a small value is the bad side (cosines), +1 where a large one is."""
+    return -1.0 if stat == "cosine" else 1.0
+
+
 def _scale(stat: str, value: float) -> float:
     """Where a statistic is compared: norms and losses as logarithms, cosines as is."""
     return value if stat == "cosine" else float(np.log(max(value, 1e-12)))
@@ -317,13 +322,12 @@ class DriftMonitor:
                 value = v[k]
                 if value is None:
                     continue
-                sign = -1.0 if k == "cosine" else 1.0
                 past = list(history[k]) if history else []
                 if len(past) >= spec.min_history:
                     score = self._score(k, value, past)
                     self._outlier(result, round_no, site, k, value, score, past, "site_history")
                 score = cross[k].get(site)
-                if score is not None and sign * score > spec.z_threshold:  # others: for the text
+                if score is not None and _bad_side(k) * score > spec.z_threshold:  # others: text
                     others = [o[k] for s, o in values.items() if s != site and o[k] is not None]
                     self._outlier(result, round_no, site, k, value, score, others, "cross_site")  # type: ignore[arg-type]
         for site, v in values.items():
@@ -360,7 +364,7 @@ class DriftMonitor:
         """Alert when ``value``'s score against ``baseline`` is past the threshold on
         the bad side of ``stat`` (below for cosines, above for the others)."""
         spec = self.spec.updates
-        sign = -1.0 if stat == "cosine" else 1.0
+        sign = _bad_side(stat)
         if sign * score <= spec.z_threshold:
             return
         score = sign * score
