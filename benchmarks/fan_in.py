@@ -81,11 +81,11 @@ def worker_main(address: str, names: list[str], channels: int, conn: Connection)
     and generate load when told; replies go back over ``conn``."""
     import grpc
 
-    from client_sdk.connection import CHANNEL_OPTIONS, SiteSession
-    from protos.fedcoord.v1 import fleet_pb2, fleet_pb2_grpc
+    from client_sdk.connection import CHANNEL_OPTIONS, SiteSession, fleet_stub
+    from protos.fedcoord.v1 import fleet_pb2
 
     chans = [grpc.insecure_channel(address, options=CHANNEL_OPTIONS) for _ in range(channels)]
-    stubs = [fleet_pb2_grpc.FleetStub(c) for c in chans]
+    stubs = [fleet_stub(c) for c in chans]
     client = IdleClient()
     sessions = [
         SiteSession(client, stubs[i % channels], name, None, POLL_WAIT_S)

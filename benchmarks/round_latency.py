@@ -64,6 +64,8 @@ NAME = "round_latency"
 SITES = (10, 50, 100)
 PARAMS = (1_000_000, 10_000_000, 100_000_000)
 SINGLE_PARAMS = 100_000_000
+SINGLE_ROUNDS = 6
+"""Rounds of the single-transfer cell: the rates it reports are medians of 5 streams."""
 QUICK_SITES = (4,)
 QUICK_PARAMS = (10_000,)
 QUICK_SINGLE_PARAMS = 100_000
@@ -209,6 +211,8 @@ def run_cell(sites: int, params: int, rounds: int) -> dict[str, Any]:
         "wall_s": wall,
         "download_mb_s": statistics.median(down) if down else None,
         "upload_mb_s": statistics.median(up) if up else None,
+        "download_mb_s_all": down,
+        "upload_mb_s_all": up,
     }
 
 
@@ -236,8 +240,9 @@ def run(
                 flush=True,
             )
             cells.append(cell)
-    print(f"single transfer: 1 site x {single_params:,} parameters ...", flush=True)
-    single = run_cell(1, single_params, rounds)
+    single_rounds = max(rounds, SINGLE_ROUNDS)
+    print(f"single transfer: 1 site x {single_params:,}, {single_rounds} rounds ...", flush=True)
+    single = run_cell(1, single_params, single_rounds)
     print(
         f"  download {_rate(single['download_mb_s'])} MB/s, upload "
         f"{_rate(single['upload_mb_s'])} MB/s per stream; {single['collect_mb_s']:.0f} MB/s "
@@ -257,6 +262,13 @@ HEADERS = (
     "download MB/s per stream",
     "upload MB/s per stream",
 )
+
+
+def _spread(rates: Sequence[float]) -> str:
+    """``"n streams, lo-hi MB/s"`` of per-stream rates."""
+    if not rates:
+        return "no streams"
+    return f"{len(rates)} streams, {min(rates):.0f}-{max(rates):.0f} MB/s"
 
 
 def _rate(value: float | None) -> str:
@@ -324,8 +336,10 @@ def markdown(result: dict[str, Any], machine_line: str, rounds: int, quick: bool
         + markdown_table(HEADERS, table_rows(result))
         + "\n\n"
         f"Single transfer (1 site, {s['params']:,} float32 = {s['model_bytes'] / 1e6:,.0f} "
-        f"MB each way): download {_rate(s['download_mb_s'])} MB/s and upload "
-        f"{_rate(s['upload_mb_s'])} MB/s per stream; {s['collect_mb_s']:,.0f} MB/s over "
+        f"MB each way, {s['rounds']} rounds): download {_rate(s['download_mb_s'])} MB/s "
+        f"({_spread(s['download_mb_s_all'])}) and upload {_rate(s['upload_mb_s'])} MB/s "
+        f"({_spread(s['upload_mb_s_all'])}) per stream, medians of the rounds after the "
+        f"first; {s['collect_mb_s']:,.0f} MB/s over "
         "the collect time "
         f"({s['collect_s']:.3f} s for download, the site's digest check, upload, the "
         f"coordinator's check and fold); {s['mb_s']:,.0f} MB/s over the whole round "

@@ -8,6 +8,7 @@ after an outage. Ctrl-C (or ``stop.set()``) ends the loop cleanly.
 from __future__ import annotations
 
 import contextlib
+import itertools
 import json
 import logging
 import random
@@ -28,7 +29,9 @@ from client_sdk.receipts import ReceiptBook
 from client_sdk.secagg import SecAggSite
 from protos.codec import EncodedPayload, PayloadAssembler, encode
 from protos.errors import PayloadError
-from protos.fedcoord.v1 import common_pb2, fleet_pb2, fleet_pb2_grpc
+from protos.fedcoord.v1 import fleet_pb2, fleet_pb2_grpc
+from protos.signing import fleet_method
+from protos.wire import chunk_data, passing_bytes, reading_chunks
 from strategies.drift import EVAL_PREFIX, PROFILE_BINS, SITE_EVALUATION, profile_settings
 from strategies.histogram import HistogramSpec
 from strategies.privacy.accountant import LOCAL_DP_METRICS
@@ -112,8 +115,29 @@ def make_channel(
     return grpc.secure_channel(coordinator, creds, options=CHANNEL_OPTIONS)
 
 
+def fleet_stub(channel: grpc.Channel) -> fleet_pb2_grpc.FleetStub:
+    """A Fleet stub whose payload streams skip protobuf objects for chunks
+    (:mod:`protos.wire`): ``PullTask`` hands each chunk over as a view of the received
+    bytes, ``PushResult`` sends pre-encoded chunk messages as they are."""
+    stub = fleet_pb2_grpc.FleetStub(channel)
+    stub.PullTask = channel.unary_stream(
+        fleet_method("PullTask"),
+        request_serializer=fleet_pb2.PullTaskRequest.SerializeToString,
+        response_deserializer=reading_chunks(fleet_pb2.TaskMessage.FromString),
+        _registered_method=True,
+    )
+    stub.PushResult = channel.stream_unary(
+        fleet_method("PushResult"),
+        request_serializer=passing_bytes(fleet_pb2.ResultMessage.SerializeToString),
+        response_deserializer=fleet_pb2.PushReply.FromString,
+        _registered_method=True,
+    )
+    return stub
+
+
 class SiteSession:
-    """One site's conversation with the coordinator over one channel."""
+    """One site's conversation with the coordinator over one channel (``stub``: from
+    :func:`fleet_stub`, which its uploads need)."""
 
     def __init__(
         self,
@@ -160,7 +184,7 @@ class SiteSession:
             timeout=self.poll_wait_s + TRANSFER_TIMEOUT_S,
         )
         first = next(stream, None)
-        if first is None or first.WhichOneof("kind") != "header":
+        if not isinstance(first, fleet_pb2.TaskMessage) or first.WhichOneof("kind") != "header":
             return None
         header = first.header
         if header.kind == fleet_pb2.TASK_KIND_SECAGG:  # a protocol stage: no model
@@ -168,7 +192,7 @@ class SiteSession:
         if header.HasField("model"):
             assembler = PayloadAssembler(header.model, MAX_MODEL_BYTES)
             for message in stream:
-                assembler.add(message.chunk.data)
+                assembler.add(chunk_data(message))
             arrays = assembler.finish()
             if header.model.digest != header.model_digest:
                 raise PayloadError("task model digest does not match its payload")
@@ -202,7 +226,8 @@ class SiteSession:
         finally:
             done.set()
         self._release_large_model(task)
-        reply = self._push(h.task_id, header, payload.chunks() if payload is not None else None)
+        chunks = payload.chunk_messages() if payload is not None else None
+        reply = self._push(h.task_id, header, chunks)
         if reply.accepted and header.HasField("update"):  # owed a receipt once it commits
             self.receipt_book.expect(h.run_id, h.round, header.update.digest)
         log.info(
@@ -319,15 +344,12 @@ class SiteSession:
     def _push(
         self, task_id: str, header: fleet_pb2.ResultHeader, chunks: Iterator[bytes] | None = None
     ) -> fleet_pb2.PushReply:
+        """Send ``header`` and then ``chunks``, pre-encoded chunk messages
+        (:meth:`~protos.codec.EncodedPayload.chunk_messages`)."""
         header.site_id = self.site_id
         header.task_id = task_id
-
-        def messages() -> Iterator[fleet_pb2.ResultMessage]:
-            yield fleet_pb2.ResultMessage(header=header)
-            for data in chunks or ():
-                yield fleet_pb2.ResultMessage(chunk=common_pb2.Chunk(data=data))
-
-        return self.stub.PushResult(messages(), timeout=TRANSFER_TIMEOUT_S)
+        messages = itertools.chain([fleet_pb2.ResultMessage(header=header)], chunks or ())
+        return self.stub.PushResult(messages, timeout=TRANSFER_TIMEOUT_S)
 
     def check_receipts(self) -> None:
         """Ask for and verify the inclusion receipts that are due (never raises)."""
@@ -414,7 +436,7 @@ def run_site(
         private_key=private_key,
     )
     session = SiteSession(
-        client, fleet_pb2_grpc.FleetStub(channel), site_id, token, poll_wait_s,
+        client, fleet_stub(channel), site_id, token, poll_wait_s,
         coordinator_public_key=coordinator_public_key,
         receipts_path=None if receipts_path is None else Path(receipts_path),
         identity=identity,

@@ -133,14 +133,15 @@ class SignedFleet:
         return self.stub.PullTask(request, timeout=timeout, metadata=metadata)
 
     def PushResult(  # noqa: N802
-        self, messages: Iterator[fleet_pb2.ResultMessage], timeout: float | None = None
+        self, messages: Iterator[fleet_pb2.ResultMessage | bytes], timeout: float | None = None
     ) -> fleet_pb2.PushReply:
-        """Signs the first message (the header); the chunks after it are covered by the
-        header's payload digest."""
+        """Signs the first message (the header); the chunks after it (messages, or
+        pre-encoded ones for a :func:`~client_sdk.connection.fleet_stub`) are covered by
+        the header's payload digest."""
         messages = iter(messages)
         first = next(messages, None)
-        if first is None:
-            raise ValueError("a result stream needs at least its header")
+        if not isinstance(first, fleet_pb2.ResultMessage):
+            raise ValueError("a result stream starts with its header message")
         metadata = self._metadata("PushResult", first)
         stream = itertools.chain([first], messages)
         return self.stub.PushResult(stream, timeout=timeout, metadata=metadata)

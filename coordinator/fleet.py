@@ -31,6 +31,7 @@ from protos.errors import PayloadError
 from protos.fedcoord.v1 import fleet_pb2, fleet_pb2_grpc
 from protos.receipts import MAX_ID_CHARS
 from protos.signing import SITE_ID, SITE_ID_RULE, fleet_method, key_fingerprint
+from protos.wire import chunk_data
 from strategies.errors import InvalidUpdate
 from strategies.validation import check_specs
 
@@ -263,7 +264,7 @@ class FleetServicer(fleet_pb2_grpc.FleetServicer):
         context: grpc.ServicerContext,
     ) -> fleet_pb2.PushReply:
         first = next(request_iterator, None)
-        if first is None or first.WhichOneof("kind") != "header":
+        if not isinstance(first, fleet_pb2.ResultMessage) or first.WhichOneof("kind") != "header":
             context.abort(
                 grpc.StatusCode.INVALID_ARGUMENT, "a result stream must start with a header"
             )
@@ -384,9 +385,7 @@ class FleetServicer(fleet_pb2_grpc.FleetServicer):
         assembler = PayloadAssembler(header.update, max_bytes=collector.payload_limit())
         t0 = time.perf_counter()
         for message in request_iterator:
-            if message.WhichOneof("kind") != "chunk":
-                raise PayloadError("unexpected message after the result header")
-            assembler.add(message.chunk.data)
+            assembler.add(chunk_data(message))
             crash_point("upload")
             if touch is not None:
                 touch()

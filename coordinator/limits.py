@@ -14,6 +14,9 @@ in the middle of its reading, so nothing of it is kept.
 
 The interceptor also counts bytes per method and refusals for an optional
 :class:`CallObserver` (the metrics) and tags log records of the call with its site.
+As it rebuilds each handler it installs the chunk streams' wire forms
+(:mod:`protos.wire`): responses already encoded (``bytes``) are sent as they are, and
+``PushResult``'s chunks reach the servicer as views of the received bytes.
 """
 
 from __future__ import annotations
@@ -31,8 +34,8 @@ from typing import Any, Protocol
 import grpc
 
 from coordinator.logs import LogThrottle, log_context
-from protos.codec import chunk_message_size
 from protos.signing import SITE_HEADER, SITE_ID
+from protos.wire import chunk_message_size, passing_bytes, reading_chunks
 
 log = logging.getLogger("fedcoord.limits")
 
@@ -41,6 +44,9 @@ ANONYMOUS = ""
 EXEMPT_PREFIXES = ("/grpc.health.v1.Health/",)
 SITE_STREAMS = frozenset({"/fedcoord.v1.Fleet/PullTask", "/fedcoord.v1.Fleet/PushResult"})
 """The streaming RPCs counted against ``max_streams_per_site``."""
+CHUNK_UPLOADS = frozenset({"/fedcoord.v1.Fleet/PushResult"})
+"""Client streams of chunk messages: their chunks reach the servicer as views of the
+received bytes (:func:`protos.wire.reading_chunks`), not as parsed messages."""
 MAX_TRACKED_BUCKETS = 10_000
 LOG_EVERY_S = 10.0
 WATCHDOG_INTERVAL_S = 0.25
@@ -211,7 +217,7 @@ class StreamCounter:
 
 def site_of(message: Any) -> str:
     """The ``site_id`` a request names (a ``PushResult`` message: its header's)."""
-    if message is None:
+    if message is None or isinstance(message, memoryview):  # none, or a chunk's data
         return ANONYMOUS
     fields = message.DESCRIPTOR.fields_by_name
     if "header" in fields and message.WhichOneof("kind") == "header":
@@ -228,6 +234,8 @@ def _size(message: Any) -> int:
         return 0
     if isinstance(message, bytes):
         return len(message)
+    if isinstance(message, memoryview):  # a chunk's data (``reading_chunks``)
+        return chunk_message_size(len(message))
     try:
         kind = message.WhichOneof("kind")
     except ValueError:  # a message without a ``kind``
@@ -235,13 +243,6 @@ def _size(message: Any) -> int:
     if kind == "chunk":
         return chunk_message_size(len(message.chunk.data))
     return int(message.ByteSize())
-
-
-def _passing_bytes(serializer: Callable[[Any], bytes] | None) -> Callable[[Any], bytes] | None:
-    """A response serializer that sends pre-encoded messages (``bytes``) as they are."""
-    if serializer is None:
-        return None
-    return lambda message: message if isinstance(message, bytes) else serializer(message)
 
 
 def peer_host(context: grpc.ServicerContext) -> str:
@@ -560,10 +561,13 @@ class LimitsInterceptor(grpc.ServerInterceptor):
             (True, False): grpc.stream_unary_rpc_method_handler,
             (True, True): grpc.stream_stream_rpc_method_handler,
         }[streams]
+        deserialize, serialize = handler.request_deserializer, handler.response_serializer
+        if deserialize is not None and method in CHUNK_UPLOADS:
+            deserialize = reading_chunks(deserialize)
         return make(
             self._wrap(inner, method, claimed, *streams),
-            request_deserializer=handler.request_deserializer,
-            response_serializer=_passing_bytes(handler.response_serializer),
+            request_deserializer=deserialize,
+            response_serializer=serialize and passing_bytes(serialize),
         )
 
     def _wrap(

@@ -6,16 +6,16 @@ between them). Its digest is SHA-256 over a canonical description of the tensors
 (name, dtype, shape) followed by the stream bytes, so one digest names a model or an
 update on the wire, in the model store and in the ledger. Nothing is ever pickled.
 
-Senders call :func:`encode` and stream :meth:`EncodedPayload.chunks`; receivers feed
-chunks to a :class:`PayloadAssembler`, which copies them into one preallocated buffer
-and returns zero-copy views into it once the digest checks out.
+Senders call :func:`encode` and stream :meth:`EncodedPayload.chunk_messages` (or the
+bare :meth:`EncodedPayload.chunks`); receivers feed chunks to a
+:class:`PayloadAssembler`, which copies them into one preallocated buffer and returns
+zero-copy views into it once the digest checks out.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
-import mmap
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 
@@ -23,14 +23,12 @@ import numpy as np
 
 from protos.errors import PayloadError
 from protos.fedcoord.v1 import common_pb2
+from protos.wire import chunk_message
 
 CHUNK_SIZE = 1 << 20
 """Largest chunk put on the wire (1 MiB)."""
 ALIGN = 64
 """Every tensor starts at a multiple of this many bytes of the stream."""
-PREFAULT_BYTES = 64 << 20
-"""A payload buffer at least this large is mapped with its pages faulted in at once
-(Linux ``MAP_POPULATE``): cheaper than faulting them in one by one while chunks land."""
 MAX_TENSORS = 100_000
 MAX_NAME_LEN = 512
 DIGEST_PREFIX = "sha256:"
@@ -149,8 +147,8 @@ class EncodedPayload:
 
     def chunk_messages(self, chunk_size: int = CHUNK_SIZE) -> Iterator[bytes]:
         """:meth:`chunks`, each already encoded as the ``TaskMessage``/``ResultMessage``
-        that carries it (:func:`chunk_message`): one copy per chunk, where building and
-        serializing a message object costs three."""
+        that carries it (:func:`protos.wire.chunk_message`): one copy per chunk, where
+        building and serializing a message object costs three."""
         for piece in self._chunk_views(chunk_size):
             yield chunk_message(piece)
 
@@ -173,34 +171,6 @@ class EncodedPayload:
             yield bytes(pending)
 
 
-CHUNK_FIELD = 2
-"""Field number of ``chunk`` in ``fleet.v1.TaskMessage`` and ``ResultMessage`` (and
-``data`` is field 1 of ``Chunk``): what :func:`chunk_message` encodes."""
-
-
-def _length_delimited(field: int, n: int) -> bytes:
-    """Tag and length of a length-delimited field of ``n`` bytes (field < 16)."""
-    length = bytearray()
-    while True:
-        byte, n = n & 0x7F, n >> 7
-        length.append(byte | (0x80 if n else 0))
-        if not n:
-            return bytes([field << 3 | 2]) + bytes(length)
-
-
-def chunk_message(data: memoryview | bytes) -> bytes:
-    """The wire form of a ``TaskMessage``/``ResultMessage`` whose ``chunk`` holds ``data``."""
-    inner = _length_delimited(1, len(data)) if len(data) else b""
-    outer = _length_delimited(CHUNK_FIELD, len(inner) + len(data))
-    return b"".join((outer, inner, data))
-
-
-def chunk_message_size(n: int) -> int:
-    """``len(chunk_message(data))`` for ``n`` bytes of data, without building it."""
-    inner = len(_length_delimited(1, n)) + n if n else 0
-    return len(_length_delimited(CHUNK_FIELD, inner)) + inner
-
-
 def encode(arrays: Arrays) -> EncodedPayload:
     return EncodedPayload(arrays)
 
@@ -208,14 +178,6 @@ def encode(arrays: Arrays) -> EncodedPayload:
 def digest_arrays(arrays: Arrays) -> str:
     """The payload digest (``sha256:<hex>``) of named arrays."""
     return EncodedPayload(arrays).digest
-
-
-def _receive_buffer(nbytes: int) -> np.ndarray:
-    populate = getattr(mmap, "MAP_POPULATE", 0)
-    if nbytes < PREFAULT_BYTES or not populate:
-        return np.empty(nbytes, dtype=np.uint8)
-    flags = mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS | populate
-    return np.frombuffer(mmap.mmap(-1, nbytes, flags=flags), dtype=np.uint8)
 
 
 class PayloadAssembler:
@@ -242,7 +204,7 @@ class PayloadAssembler:
             raise PayloadError(f"payload of {total} bytes exceeds the limit of {max_bytes}")
         self.expected_digest = header.digest
         self.total_bytes = total
-        self._buffer = _receive_buffer(total)
+        self._buffer = np.empty(total, dtype=np.uint8)
         self._view = memoryview(self._buffer)
         self._received = 0
         self._hash = hashlib.sha256(_spec_bytes(self.layouts))

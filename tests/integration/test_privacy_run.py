@@ -12,11 +12,11 @@ import time
 import grpc
 import pytest
 
-from client_sdk.connection import SiteSession
+from client_sdk.connection import SiteSession, fleet_stub
 from coordinator.server import Coordinator
 from coordinator.tasks import load_task
 from protos.codec import encode
-from protos.fedcoord.v1 import fleet_pb2, fleet_pb2_grpc
+from protos.fedcoord.v1 import fleet_pb2
 from strategies.privacy.accountant import epsilon_of, noise_multiplier_for
 from tests.integration.clients import ledger_payloads, start_site_threads
 
@@ -163,7 +163,7 @@ def cheat(address: str, stop: threading.Event) -> None:
     a large (finite, well-formed) update."""
     session = SiteSession(
         None,  # type: ignore[arg-type] - no Client: the cheat answers tasks itself
-        fleet_pb2_grpc.FleetStub(grpc.insecure_channel(address)),
+        fleet_stub(grpc.insecure_channel(address)),
         "cheater",
         None,
         1,
@@ -176,7 +176,7 @@ def cheat(address: str, stop: threading.Event) -> None:
         payload = encode({k: v + 10.0 for k, v in task.arrays.items()})
         header = fleet_pb2.ResultHeader(num_examples=100)
         header.update.CopyFrom(payload.header())
-        session._push(task.header.task_id, header, payload.chunks())
+        session._push(task.header.task_id, header, payload.chunk_messages())
 
 
 def test_client_mode_sites_clip_and_the_coordinator_enforces_it(start):

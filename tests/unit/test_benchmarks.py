@@ -125,6 +125,8 @@ def test_quick_round_latency_benchmark_moves_the_model_both_ways(tmp_path: Path)
     assert cell["round_s"] > 0 and cell["mb_s"] > 0 and cell["collect_s"] <= cell["round_s"]
     single = payload["single"]
     assert (single["sites"], single["params"]) == (1, 100_000) and single["collect_mb_s"] > 0
+    streams = single["rounds"] - 1  # every round after the first: one stream each way
+    assert len(single["download_mb_s_all"]) == len(single["upload_mb_s_all"]) == streams
     section = common.read_section("round_latency", results_md)
     assert section is not None and "| 4 | 10,000 |" in section and "Single transfer" in section
 

@@ -100,28 +100,6 @@ def test_malformed_payloads_are_refused(header_edit, chunks_edit, message):
         corrupt(header_edit, chunks_edit)
 
 
-def test_large_payloads_land_in_a_prefaulted_mapping(monkeypatch):
-    monkeypatch.setattr(codec, "PREFAULT_BYTES", 1)
-    arrays = {"w": np.arange(300_000, dtype=np.float32), "b": np.ones(3, np.float64)}
-    out = roundtrip(arrays, chunk_size=4096)
-    assert all(np.array_equal(out[k], v) for k, v in arrays.items())
-    assert out["w"].flags.writeable and out["w"].base is not None
-
-
-@pytest.mark.parametrize("n", [0, 1, 127, 128, 16_384, codec.CHUNK_SIZE])
-def test_pre_encoded_chunk_messages_are_what_protobuf_encodes(n):
-    from protos.fedcoord.v1 import fleet_pb2
-
-    data = bytes(range(256)) * (n // 256) + bytes(n % 256)
-    for message in (fleet_pb2.TaskMessage, fleet_pb2.ResultMessage):
-        wire = message(chunk=common_pb2.Chunk(data=data)).SerializeToString()
-        assert codec.chunk_message(memoryview(data)) == wire
-        assert codec.chunk_message_size(n) == len(wire)
-    payload = codec.encode({"a": np.arange(700_000, dtype=np.float32), "b": np.ones(3)})
-    decoded = [fleet_pb2.TaskMessage.FromString(m).chunk.data for m in payload.chunk_messages()]
-    assert decoded == list(payload.chunks())
-
-
 def test_size_limit_is_checked_before_allocating():
     header = common_pb2.PayloadHeader(
         tensors=[common_pb2.TensorSpec(name="x", dtype="float64", shape=[1 << 40])],

@@ -24,6 +24,7 @@ from coordinator.limits import (
     site_of,
 )
 from protos.fedcoord.v1 import common_pb2, fleet_pb2
+from protos.wire import chunk_view
 
 
 class Aborted(Exception):
@@ -144,6 +145,16 @@ def test_a_complete_stream_passes_through_and_is_counted():
     assert list(stream) == messages
     assert context.status is None
     assert observer.bytes_in == sum(m.ByteSize() for m in messages)
+
+
+def test_chunks_read_as_views_are_counted_at_their_wire_size():
+    header = fleet_pb2.ResultMessage(header=fleet_pb2.ResultHeader(site_id="s1"))
+    raw = [chunk(n).SerializeToString() for n in (0, 1000, 1 << 20)]
+    views = [chunk_view(r) for r in raw]
+    stream, _, observer = guarded(iter([header, *views]), Limits(stall_timeout_s=2))
+    assert [bytes(v) for v in list(stream)[1:]] == [bytes(v) for v in views]
+    assert observer.bytes_in == header.ByteSize() + sum(len(r) for r in raw)
+    assert site_of(views[1]) == ANONYMOUS
 
 
 def test_a_stalled_stream_is_cut_with_deadline_exceeded():
