@@ -5,8 +5,8 @@ thread running :func:`client_sdk.run_site` over one channel the host's sites sha
 idle site costs its thread and its long poll only: its data and model (its client) are
 built when it gets a task, and a host keeps at most ``simulation.client_cache`` built
 clients, rebuilding older ones on use (their SCAFFOLD variate and local DP spend kept in
-state files). A host trains one site at a time, so ``simulation.workers`` bounds the
-training concurrency.
+state files); a site mid-participation holds its client until its fit. A host trains
+one site at a time, so ``simulation.workers`` bounds the training concurrency.
 """
 
 from __future__ import annotations
@@ -34,7 +34,7 @@ from client_sdk.connection import CHANNEL_OPTIONS
 from coordinator.experiment import Experiment, parse_experiment
 from coordinator.tasks import Task, load_task
 from simulations.attacks import UPDATE_ATTACKS, attack_update, attackers
-from strategies.drift import DataProfile
+from strategies.drift import SITE_EVALUATION, DataProfile
 from strategies.secagg.messages import STAGE_MASKED, STAGE_SHARE, STAGE_UNMASK
 
 DROP_STAGES = ("fit", STAGE_SHARE, STAGE_MASKED, STAGE_UNMASK)
@@ -130,13 +130,22 @@ class SimulatedSite(Client):
         self.attack = attack
         self.drifts = drifts
         self.cache = cache if cache is not None else ClientCache(2)
+        self._kept: tuple[tuple[int, bool], Client] | None = None
 
-    def client(self, config: Config) -> Client:
+    def client(self, config: Config, keep: bool = False) -> Client:
         """The site's client for the round of ``config``: over drifted data from
-        ``federation.drift.from_round`` on, when this site drifts."""
+        ``federation.drift.from_round`` on, when this site drifts. With ``keep`` (a call
+        before the task's fit) the site holds it until that fit, so other sites' builds
+        evicting it from the cache in between cannot make one participation build twice."""
         drift = self.exp.federation.drift
         drifted = self.drifts and int(config.get("round", 0)) >= drift.from_round
-        return self.cache.get((self.index, drifted), lambda: self._build(drifted))
+        key = (self.index, drifted)
+        if self._kept is not None and self._kept[0] == key:
+            return self._kept[1]
+        client = self.cache.get(key, lambda: self._build(drifted))
+        if keep:
+            self._kept = (key, client)
+        return client
 
     def _build(self, drifted: bool) -> Client:
         fed = self.exp.federation
@@ -169,9 +178,12 @@ class SimulatedSite(Client):
             raise SimulatedDropout(f"simulated dropout at {stage} (p={p})")
 
     def fit(self, arrays: Arrays, config: Config) -> FitResult:
-        self._maybe_drop("fit", config)
-        with self.train_lock:
-            result = self.client(config).fit(arrays, config)
+        try:
+            self._maybe_drop("fit", config)
+            with self.train_lock:
+                result = self.client(config).fit(arrays, config)
+        finally:
+            self._kept = None
         if self.attack not in UPDATE_ATTACKS:
             return result
         rng = np.random.default_rng([self.exp.seed, int(config.get("round", 0)), self.index, 2])
@@ -179,11 +191,12 @@ class SimulatedSite(Client):
         return FitResult(poisoned, result.num_examples, result.metrics)
 
     def evaluate(self, arrays: Arrays, config: Config) -> EvaluateResult:
+        before_fit = bool(config.get(SITE_EVALUATION))  # else an evaluation task of its own
         with self.train_lock:
-            return self.client(config).evaluate(arrays, config)
+            return self.client(config, keep=before_fit).evaluate(arrays, config)
 
     def profile(self, config: Config) -> DataProfile | None:
-        return self.client(config).profile(config)
+        return self.client(config, keep=True).profile(config)  # asked for before a fit
 
     def before_stage(self, stage: str, config: Config) -> None:
         self._maybe_drop(stage, config)
