@@ -27,7 +27,8 @@ Memory
 Single transfer
     One site and the 100M model: both directions over ``collect_s`` (download, the
     site's digest check, upload, the coordinator's check and fold), the rate one
-    site's transfer reaches.
+    site's transfer reaches. It runs first, so the grid's gigabytes of model files
+    still being written back to disk do not run against it.
 
 ``--quick`` runs 4 sites x 10k parameters and a 1-site 100k transfer (for tests).
 Writes ``benchmarks/results/round_latency.json`` and its section of
@@ -64,8 +65,8 @@ NAME = "round_latency"
 SITES = (10, 50, 100)
 PARAMS = (1_000_000, 10_000_000, 100_000_000)
 SINGLE_PARAMS = 100_000_000
-SINGLE_ROUNDS = 6
-"""Rounds of the single-transfer cell: the rates it reports are medians of 5 streams."""
+SINGLE_ROUNDS = 10
+"""Rounds of the single-transfer cell: the rates it reports are medians of 9 streams."""
 QUICK_SITES = (4,)
 QUICK_PARAMS = (10_000,)
 QUICK_SINGLE_PARAMS = 100_000
@@ -223,6 +224,14 @@ def run(
     rounds: int,
     budget: int,
 ) -> dict[str, Any]:
+    single_rounds = max(rounds, SINGLE_ROUNDS)
+    print(f"single transfer: 1 site x {single_params:,}, {single_rounds} rounds ...", flush=True)
+    single = run_cell(1, single_params, single_rounds)
+    print(
+        f"  download {_rate(single['download_mb_s'])} MB/s, upload "
+        f"{_rate(single['upload_mb_s'])} MB/s per stream; {single['collect_mb_s']:.0f} MB/s "
+        f"over collect_s {single['collect_s']:.3f} s"
+    )
     cells: list[dict[str, Any]] = []
     skipped: list[dict[str, Any]] = []
     for params in params_grid:
@@ -240,14 +249,6 @@ def run(
                 flush=True,
             )
             cells.append(cell)
-    single_rounds = max(rounds, SINGLE_ROUNDS)
-    print(f"single transfer: 1 site x {single_params:,}, {single_rounds} rounds ...", flush=True)
-    single = run_cell(1, single_params, single_rounds)
-    print(
-        f"  download {_rate(single['download_mb_s'])} MB/s, upload "
-        f"{_rate(single['upload_mb_s'])} MB/s per stream; {single['collect_mb_s']:.0f} MB/s "
-        f"over collect_s {single['collect_s']:.3f} s"
-    )
     return {"cells": cells, "skipped": skipped, "single": single}
 
 
@@ -336,7 +337,8 @@ def markdown(result: dict[str, Any], machine_line: str, rounds: int, quick: bool
         + markdown_table(HEADERS, table_rows(result))
         + "\n\n"
         f"Single transfer (1 site, {s['params']:,} float32 = {s['model_bytes'] / 1e6:,.0f} "
-        f"MB each way, {s['rounds']} rounds): download {_rate(s['download_mb_s'])} MB/s "
+        f"MB each way, {s['rounds']} rounds, run before the grid): download "
+        f"{_rate(s['download_mb_s'])} MB/s "
         f"({_spread(s['download_mb_s_all'])}) and upload {_rate(s['upload_mb_s'])} MB/s "
         f"({_spread(s['upload_mb_s_all'])}) per stream, medians of the rounds after the "
         f"first; {s['collect_mb_s']:,.0f} MB/s over "
