@@ -81,6 +81,21 @@ class Processes:
     def log(self, proc: subprocess.Popen[bytes]) -> str:
         return Path(proc.log_path).read_text(errors="replace")  # type: ignore[attr-defined]
 
+    def wait_for_log(
+        self, proc: subprocess.Popen[bytes], text: str, what: str, timeout: float = 90
+    ) -> None:
+        """Wait until ``text`` is in the log of ``proc``; fail at once when ``proc`` ends
+        first, and show the log's tail either way (start-up on a loaded CI machine is the
+        slow part, hence the generous default)."""
+        end = time.time() + timeout
+        while text not in self.log(proc):
+            if proc.poll() is not None and text not in self.log(proc):
+                raise AssertionError(f"{what}: exited {proc.returncode}\n{self.log(proc)[-3000:]}")
+            if time.time() > end:
+                raise AssertionError(f"timed out after {timeout}s waiting for {what}\n"
+                                     f"{self.log(proc)[-3000:]}")  # fmt: skip
+            time.sleep(0.1)
+
     def stop_all(self) -> None:
         for p in self.procs:
             if p.poll() is None:

@@ -49,7 +49,7 @@ def test_run_survives_sigkill_at_many_points(tmp_path, processes):
     exp = experiment(tmp_path, rounds=ROUNDS, timeout_s=30, strategy="fedadam")
     follower = processes.start("run", "run", str(exp), "--coordinator", address, "--wait",
                                "--insecure")  # fmt: skip
-    wait_for(lambda: "submitted" in processes.log(follower), 60, "the run to be submitted")
+    processes.wait_for_log(follower, "submitted", "the run to be submitted")
     run_id = processes.log(follower).split("submitted run ")[1].split()[0]
 
     def run_info() -> control_pb2.RunInfo:

@@ -62,7 +62,7 @@ def serve(
         "--open-enrollment",
         env=env,
     )
-    wait_for(lambda: "serving on" in processes.log(proc), 30, "the coordinator to listen")
+    processes.wait_for_log(proc, "serving on", "the coordinator to listen")
     return proc
 
 
@@ -252,7 +252,7 @@ def test_site_stops_cleanly_on_ctrl_c(tmp_path, processes):
         "1/2",
         "--insecure",
     )
-    wait_for(lambda: "enrolled" in processes.log(site), 30, "the site to enroll")
+    processes.wait_for_log(site, "enrolled", "the site to enroll")
     site.send_signal(signal.SIGINT)
     assert site.wait(timeout=30) == 0
     assert "Traceback" not in processes.log(site)

@@ -266,7 +266,7 @@ def test_sites_commands_and_a_token_enrolled_site_process(coordinator, tmp_path)
                  "--insecure")  # fmt: skip
     try:
         site = procs.start("site", *site_args, "--token", token)
-        wait_for(lambda: "site hospital-1 enrolled" in procs.log(site), 30, "the site to enroll")
+        procs.wait_for_log(site, "site hospital-1 enrolled", "the site to enroll")
         key_file = state / "hospital-1.ed25519.pem"
         assert stat.S_IMODE(key_file.stat().st_mode) == 0o600
         row = c.db.site("hospital-1")
@@ -281,7 +281,7 @@ def test_sites_commands_and_a_token_enrolled_site_process(coordinator, tmp_path)
         site.kill()
         site.wait(timeout=10)
         again = procs.start("site-again", *site_args)  # no token: the kept key is enrolled
-        wait_for(lambda: "enrolled" in procs.log(again), 30, "the site to re-enroll")
+        procs.wait_for_log(again, "enrolled", "the site to re-enroll")
         assert again.poll() is None
 
         revokes = together(

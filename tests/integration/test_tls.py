@@ -55,7 +55,7 @@ def test_a_run_over_mutual_tls_works_end_to_end(tmp_path, processes: Processes, 
         "--tls-cert", f"{pki}/coordinator.pem", "--tls-key", f"{pki}/coordinator.key",
         "--tls-client-ca", f"{pki}/ca.pem",
     )  # fmt: skip
-    wait_for(lambda: "serving on" in processes.log(serve), 30, "the coordinator to listen")
+    processes.wait_for_log(serve, "serving on", "the coordinator to listen")
     assert "mutual TLS" in processes.log(serve) and "TLS is OFF" not in processes.log(serve)
     for i, name in enumerate(SITES, 1):
         processes.start(
