@@ -19,7 +19,8 @@ import sys
 import tempfile
 import threading
 from collections import OrderedDict
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from multiprocessing.connection import Connection
 from multiprocessing.synchronize import Event as ProcessEvent
 from pathlib import Path
@@ -192,11 +193,21 @@ class SimulatedSite(Client):
 
     def evaluate(self, arrays: Arrays, config: Config) -> EvaluateResult:
         before_fit = bool(config.get(SITE_EVALUATION))  # else an evaluation task of its own
-        with self.train_lock:
+        with self.train_lock, self._released_on_error():
             return self.client(config, keep=before_fit).evaluate(arrays, config)
 
     def profile(self, config: Config) -> DataProfile | None:
-        return self.client(config, keep=True).profile(config)  # asked for before a fit
+        with self._released_on_error():
+            return self.client(config, keep=True).profile(config)  # asked for before a fit
+
+    @contextmanager
+    def _released_on_error(self) -> Iterator[None]:
+        """A pre-fit step that fails ends the participation: no fit will release its client."""
+        try:
+            yield
+        except BaseException:
+            self._kept = None
+            raise
 
     def before_stage(self, stage: str, config: Config) -> None:
         self._maybe_drop(stage, config)

@@ -6,6 +6,9 @@ from __future__ import annotations
 
 import threading
 
+import numpy as np
+import pytest
+
 from coordinator.experiment import parse_experiment
 from coordinator.tasks import load_task
 from simulations.sites import ClientCache, SimulatedSite
@@ -51,4 +54,15 @@ def test_an_evaluation_task_of_its_own_keeps_nothing():
     sites[0].evaluate(model, {"round": 1})
     sites[1].evaluate(model, {"round": 1})
     sites[0].evaluate(model, {"round": 1})
+    assert cache.builds == 3
+
+
+def test_a_failed_pre_fit_evaluation_keeps_nothing():
+    sites, cache, model = make_sites(capacity=1)
+    config = {"round": 1, SITE_EVALUATION: True}
+    wrong = {name: np.zeros(1, np.float32) for name in model}  # shapes the model refuses
+    with pytest.raises(Exception):  # noqa: B017 - whatever the model raises
+        sites[0].evaluate(wrong, config)
+    sites[1].evaluate(model, {"round": 1})  # evicts site 0's client from the cache
+    sites[0].evaluate(model, {"round": 1})  # not held by the failed participation: rebuilt
     assert cache.builds == 3
