@@ -150,6 +150,7 @@ class SiteSession:
         coordinator_public_key: bytes | None = None,
         receipts_path: Path | None = None,
         identity: SiteIdentity | None = None,
+        coordinator_key_path: Path | None = None,
     ):
         self.client = client
         self.identity = identity or SiteIdentity.generate()
@@ -161,7 +162,9 @@ class SiteSession:
         self.heartbeat_interval_s = 5.0
         self._cached: tuple[str, Arrays] | None = None
         self.secagg = SecAggSite(site_id)
-        self.receipt_book = ReceiptBook(site_id, coordinator_public_key, receipts_path)
+        self.receipt_book = ReceiptBook(
+            site_id, coordinator_public_key, receipts_path, coordinator_key_path
+        )
         self.receipts = self.receipt_book.records
         """Outcomes of the inclusion receipts checked so far (see :mod:`client_sdk.receipts`)."""
 
@@ -379,6 +382,7 @@ def run_site(
     coordinator_public_key: bytes | None = None,
     receipts_path: str | Path | None = None,
     key_path: str | Path | None = None,
+    coordinator_key_path: str | Path | None = None,
     channel: grpc.Channel | None = None,
 ) -> None:
     """Serve as a data site until ``stop`` is set or Ctrl-C.
@@ -413,6 +417,10 @@ def run_site(
         The site's Ed25519 key file (PEM, mode 0600), created on first use. The key is
         registered at enrollment and signs every request; None: a key kept in memory
         for this process only (a restarted site then needs a new token to enroll).
+    coordinator_key_path
+        Keep the coordinator key pinned on first use here (hex) and start from it, so a
+        restarted site still refuses receipts signed by another key (None: the pin
+        lasts this process). Unused when ``coordinator_public_key`` is given.
     channel
         An open channel to ``coordinator`` to use instead of dialing one (e.g. one
         shared by many simulated sites); the TLS arguments are then unused and the
@@ -440,6 +448,7 @@ def run_site(
         coordinator_public_key=coordinator_public_key,
         receipts_path=None if receipts_path is None else Path(receipts_path),
         identity=identity,
+        coordinator_key_path=None if coordinator_key_path is None else Path(coordinator_key_path),
     )  # fmt: skip
     backoff = Backoff()
     enrolled = False

@@ -20,6 +20,7 @@ from typing import Any
 
 import grpc
 
+from client_sdk.errors import SiteError
 from protos.fedcoord.v1 import fleet_pb2, fleet_pb2_grpc
 from protos.receipts import (
     PUBLIC_KEY_BYTES,
@@ -43,6 +44,32 @@ ASK_TIMEOUT_S = 10.0
 def fingerprint(key: bytes) -> str:
     """A short name of a coordinator key for logs."""
     return hashlib.sha256(key).hexdigest()[:16]
+
+
+def read_pinned_key(path: Path) -> bytes:
+    """The coordinator key kept in ``path``; raises :class:`SiteError` naming the file."""
+    text = path.read_text(encoding="ascii", errors="replace").strip()
+    try:
+        key = bytes.fromhex(text)
+    except ValueError:
+        key = b""
+    if len(key) != PUBLIC_KEY_BYTES:
+        raise SiteError(
+            f"{path} does not hold a coordinator key ({PUBLIC_KEY_BYTES} bytes in hex); "
+            "delete it to pin the key the coordinator presents next"
+        )
+    return key
+
+
+def write_pinned_key(path: Path, key: bytes) -> None:
+    """Keep ``key`` in ``path`` whole or not at all (a crash leaves the old file)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    with tmp.open("w", encoding="ascii") as f:
+        f.write(key.hex() + "\n")
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
 
 
 @dataclass
@@ -70,11 +97,16 @@ class ReceiptBook:
         of the first enrollment.
     path
         Append each outcome here as one JSON line (None: keep them in memory only).
+    pin_path
+        Keep the key pinned on first use here (hex, one line) and start from it, so a
+        restarted site still refuses another key (None: the pin lasts this process).
+        An operator's ``pinned_key`` takes precedence and is not written.
     """
 
     site_id: str
     pinned_key: bytes | None = None
     path: Path | None = None
+    pin_path: Path | None = None
     max_wait_s: float = MAX_WAIT_S
     records: list[dict[str, Any]] = field(default_factory=list)
     owed: dict[tuple[str, int], Owed] = field(default_factory=dict)
@@ -84,6 +116,8 @@ class ReceiptBook:
     def __post_init__(self) -> None:
         if self.pinned_key is not None and len(self.pinned_key) != PUBLIC_KEY_BYTES:
             raise ValueError("coordinator_public_key must be 32 raw Ed25519 bytes")
+        if self.pinned_key is None and self.pin_path is not None and self.pin_path.exists():
+            self.pinned_key = read_pinned_key(self.pin_path)
 
     # what the connection loop tells us ----------------------------------------------
     def pin(self, key: bytes) -> None:
@@ -101,10 +135,13 @@ class ReceiptBook:
             return
         if self.pinned_key is None:
             self.pinned_key = bytes(key)
+            if self.pin_path is not None:
+                write_pinned_key(self.pin_path, self.pinned_key)
             log.info(
-                "site %s: pinned coordinator key %s (trust on first use)",
+                "site %s: pinned coordinator key %s (trust on first use%s)",
                 self.site_id,
                 fingerprint(key),
+                "" if self.pin_path is None else f", kept in {self.pin_path}",
             )
         elif key != self.pinned_key:
             log.error(

@@ -84,7 +84,8 @@ def cmd_site(args: argparse.Namespace) -> int:
     pem = tls or ClientTLS()  # all None under --insecure
     if not SITE_ID.match(args.site_id):
         raise ConfigError("--site-id", f"must be {SITE_ID_RULE}, got {args.site_id[:80]!r}")
-    key_path = Path(args.state_dir) / f"{args.site_id}.ed25519.pem" if args.state_dir else None
+    state = Path(args.state_dir) if args.state_dir else None
+    key_path = state / f"{args.site_id}.ed25519.pem" if state else None
     if args.task:
         if not args.partition:
             raise ConfigError("--partition", "--task needs --partition I/N")
@@ -94,8 +95,8 @@ def cmd_site(args: argparse.Namespace) -> int:
         torch.set_num_threads(args.threads)
         task = load_task(args.task, args.model, {}, args.seed)
         client = task.make_client(i - 1, n, {"kind": "iid"}, args.seed)
-        if args.state_dir:
-            client.use_state_file(Path(args.state_dir) / f"{args.site_id}.safetensors")
+        if state:
+            client.use_state_file(state / f"{args.site_id}.safetensors")
     else:
         client = load_client(args.client)
     logging.basicConfig(
@@ -119,6 +120,7 @@ def cmd_site(args: argparse.Namespace) -> int:
         if args.coordinator_key
         else None,
         key_path=key_path,
+        coordinator_key_path=state / f"{args.site_id}.coordinator-key" if state else None,
         stop=stop,
     )
     return 0
@@ -167,9 +169,10 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument(
         "--state-dir",
-        help="keep the site's Ed25519 key (NAME.ed25519.pem, mode 0600) and, with --task, "
-        "its training state (SCAFFOLD control variate) here, so both survive a restart "
-        "(without it the key lives in memory: a restarted site needs a new token)",
+        help="keep the site's Ed25519 key (NAME.ed25519.pem, mode 0600), the coordinator "
+        "key it pinned (NAME.coordinator-key) and, with --task, its training state "
+        "(SCAFFOLD control variate) here, so all survive a restart (without it the key "
+        "lives in memory: a restarted site needs a new token)",
     )
     p.add_argument(
         "--token",

@@ -269,6 +269,8 @@ def test_sites_commands_and_a_token_enrolled_site_process(coordinator, tmp_path)
         procs.wait_for_log(site, "site hospital-1 enrolled", "the site to enroll")
         key_file = state / "hospital-1.ed25519.pem"
         assert stat.S_IMODE(key_file.stat().st_mode) == 0o600
+        pinned = (state / "hospital-1.coordinator-key").read_text().strip()
+        assert pinned == c.db.signing_key.public_key().public_bytes_raw().hex()
         row = c.db.site("hospital-1")
         assert (
             row is not None and row.public_key == SiteIdentity.load_or_create(key_file).public_key
@@ -283,6 +285,7 @@ def test_sites_commands_and_a_token_enrolled_site_process(coordinator, tmp_path)
         again = procs.start("site-again", *site_args)  # no token: the kept key is enrolled
         procs.wait_for_log(again, "enrolled", "the site to re-enroll")
         assert again.poll() is None
+        assert "trust on first use" not in procs.log(again)  # it started from its kept pin
 
         revokes = together(
             ("sites", "revoke", "hospital-1", "--data-dir", data),  # while the coordinator runs

@@ -15,6 +15,7 @@ import pytest
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
+from client_sdk.errors import SiteError
 from client_sdk.receipts import Owed, ReceiptBook
 from coordinator.errors import LedgerError
 from coordinator.receipt_audit import as_receipt, check_against_ledger
@@ -276,6 +277,27 @@ def test_trust_on_first_use_and_a_changed_key(caplog):
     assert "DIFFERENT SIGNING KEY" in caplog.text
     with pytest.raises(ValueError):
         ReceiptBook(SITE, b"short")
+
+
+def test_a_pin_kept_in_a_file_outlives_the_process(tmp_path: Path, caplog):
+    pin = tmp_path / "state" / "site-a.coordinator-key"
+    ReceiptBook(SITE, pin_path=pin).pin(raw(KEY))
+    assert pin.read_text() == raw(KEY).hex() + "\n"
+    restarted = ReceiptBook(SITE, pin_path=pin)  # a new process: the same pin
+    assert restarted.pinned_key == raw(KEY)
+    restarted.pin(raw(Ed25519PrivateKey.generate()))  # a swapped coordinator key is caught
+    assert restarted.pinned_key == raw(KEY) and "DIFFERENT SIGNING KEY" in caplog.text
+    operator = raw(Ed25519PrivateKey.generate())
+    assert ReceiptBook(SITE, operator, pin_path=pin).pinned_key == operator  # it wins
+    assert pin.read_text() == raw(KEY).hex() + "\n"  # and is not written
+
+
+@pytest.mark.parametrize("text", ["", "zz" * 32, "ab" * 31, "ab" * 33])
+def test_a_damaged_pin_file_stops_the_site_naming_it(tmp_path: Path, text: str):
+    pin = tmp_path / "site-a.coordinator-key"
+    pin.write_text(text)
+    with pytest.raises(SiteError, match=r"site-a\.coordinator-key does not hold a coordinator"):
+        ReceiptBook(SITE, pin_path=pin)
 
 
 def test_the_site_asks_until_committed_and_records_every_outcome(tmp_path: Path):
