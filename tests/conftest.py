@@ -23,14 +23,22 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def wait_for(predicate: Callable[[], object], timeout: float, what: str) -> object:
+def wait_for(
+    predicate: Callable[[], object],
+    timeout: float,
+    what: str,
+    detail: Callable[[], str] | None = None,
+) -> object:
+    """``predicate()`` once it is truthy; on timeout fail, adding ``detail()`` if given."""
     end = time.time() + timeout
     while time.time() < end:
         value = predicate()
         if value:
             return value
         time.sleep(0.1)
-    raise AssertionError(f"timed out after {timeout}s waiting for {what}")
+    raise AssertionError(
+        f"timed out after {timeout}s waiting for {what}{detail() if detail else ''}"
+    )
 
 
 def fedcoord(*args: str, timeout: float = 300) -> subprocess.CompletedProcess[str]:
@@ -87,14 +95,19 @@ class Processes:
         """Wait until ``text`` is in the log of ``proc``; fail at once when ``proc`` ends
         first, and show the log's tail either way (start-up on a loaded CI machine is the
         slow part, hence the generous default)."""
-        end = time.time() + timeout
-        while text not in self.log(proc):
-            if proc.poll() is not None and text not in self.log(proc):
-                raise AssertionError(f"{what}: exited {proc.returncode}\n{self.log(proc)[-3000:]}")
-            if time.time() > end:
-                raise AssertionError(f"timed out after {timeout}s waiting for {what}\n"
-                                     f"{self.log(proc)[-3000:]}")  # fmt: skip
-            time.sleep(0.1)
+
+        def tail() -> str:
+            return "\n" + self.log(proc)[-3000:]
+
+        def seen() -> bool:
+            exited = proc.poll() is not None  # before reading: its last line is in the log
+            if text in self.log(proc):
+                return True
+            if exited:
+                raise AssertionError(f"{what}: exited {proc.returncode}{tail()}")
+            return False
+
+        wait_for(seen, timeout, what, detail=tail)
 
     def stop_all(self) -> None:
         for p in self.procs:
